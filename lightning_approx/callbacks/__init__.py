@@ -1,0 +1,5 @@
+"""Lightning callbacks: when to patch, when to move the schedules, what to log and save."""
+
+from lightning_approx.callbacks.approx_backward import ApproxBackward
+
+__all__ = ["ApproxBackward"]

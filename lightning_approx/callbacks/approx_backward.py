@@ -1,0 +1,181 @@
+"""ApproxBackward: train with an approximate backward pass by adding one callback."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from typing_extensions import override
+
+from lightning_approx.errors import ConfigError
+from lightning_approx.methods import Method
+from lightning_approx.ops.accounting import WorkCounter
+from lightning_approx.schedules import Progress, Schedule
+from lightning_approx.surgery import AUTO, approximate, make_pipeline, patched_sites, restore
+
+
+class ApproxBackward(Callback):
+    """Patches the model's Conv2d / Linear layers at fit start and puts the exact ones back
+    at fit end (and when fit raises).
+
+    The layers keep their parameters, so the optimizer, DDP and checkpoints need no change.
+    Each training step moves the method's schedules to the current progress (fractional
+    epoch and global step, which Lightning restores on resume) and logs:
+
+    - ``approx/<method>.<setting>``: the current value of each scheduled setting;
+    - ``approx/backward_work``: backward multiply-accumulates computed over exact, all layers;
+    - ``approx/work/<layer>``: the same per layer (when ``log_per_layer``);
+    - ``approx/step_time``: seconds from batch start to batch end.
+
+    Args:
+        method: A method name (``"crs"``), a :class:`~lightning_approx.methods.Method`, a list
+            of methods that compose, or a mapping from YAML.
+        sample_ratio: With a sampling method given by name: the fraction computed, a float in
+            (0, 1] or a :class:`~lightning_approx.schedules.Schedule`. Default: the method's.
+        exclude: Layers kept exact: ``"auto"`` (stem conv and final classifier), ``None``, or
+            name patterns (``"layer3.*"``), ``"auto"`` allowed among them.
+        seed: Seed of the layers' random streams.
+        log_per_layer: Also log each layer's backward work.
+        sync_cuda: Synchronize CUDA before reading the step time (otherwise it measures
+            launch time only).
+
+    Example::
+
+        trainer = Trainer(callbacks=[ApproxBackward("crs", sample_ratio=0.5)])
+    """
+
+    def __init__(
+        self,
+        method: str | Method | list[str | Method] = "crs",
+        sample_ratio: float | Schedule | None = None,
+        exclude: str | list[str] | None = AUTO,
+        seed: int = 0,
+        log_per_layer: bool = True,
+        sync_cuda: bool = True,
+    ) -> None:
+        super().__init__()
+        hyperparameters = {} if sample_ratio is None else {"sample_ratio": sample_ratio}
+        self.pipeline = make_pipeline(method, **hyperparameters)  # validates now, not at fit
+        self.exclude = exclude
+        self.seed = int(seed)
+        self.log_per_layer = log_per_layer
+        self.sync_cuda = sync_cuda
+        self.layer_names: list[str] = []
+        self.totals = WorkCounter()  # whole fit, for summaries
+        self._pending_rng: dict[str, Any] | None = None
+        self._t0 = 0.0
+        self._progress = Progress(epoch=0.0, step=0)
+        self._model: torch.nn.Module | None = None
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(method=[m.name for m in self.pipeline.methods])
+
+    # --- patch and restore -----------------------------------------------------------
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self.layer_names = approximate(pl_module, self.pipeline, exclude=self.exclude, seed=self.seed)
+        self._model = pl_module
+        self.totals.reset()
+        if self._pending_rng is not None:
+            self._apply_rng(self._pending_rng)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore()
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._restore()
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        if self._model is not None:
+            restore(self._model)
+            self._model = None
+
+    # --- schedules, accounting, logging ---------------------------------------------------
+    @staticmethod
+    def progress(trainer: pl.Trainer, batch_idx: int) -> Progress:
+        """Fractional epoch and global step of the batch about to run."""
+        batches = trainer.num_training_batches
+        within = batch_idx / batches if isinstance(batches, int) and batches > 0 else 0.0
+        return Progress(epoch=trainer.current_epoch + within, step=trainer.global_step)
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._progress = self.progress(trainer, batch_idx)
+        self.pipeline.update(self._progress)
+        for site in patched_sites(pl_module):
+            site.work.reset()
+        self._sync(pl_module)
+        self._t0 = time.perf_counter()
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._sync(pl_module)
+        step_time = time.perf_counter() - self._t0
+        step = WorkCounter()
+        metrics: dict[str, float] = {}
+        for site in patched_sites(pl_module):
+            step.add(site.work.exact, site.work.computed, site.work.zero)
+            if self.log_per_layer:
+                metrics[f"approx/work/{site.name}"] = site.work.fraction
+        self.totals.add(step.exact, step.computed, step.zero)
+        metrics["approx/backward_work"] = step.fraction
+        metrics["approx/step_time"] = step_time
+        metrics.update({f"approx/{k}": v for k, v in self.pipeline.values().items()})
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
+
+    def _sync(self, pl_module: pl.LightningModule) -> None:
+        if self.sync_cuda and pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+
+    # --- checkpoints -------------------------------------------------------------------
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        sites = patched_sites(self._model) if self._model is not None else []
+        return {
+            "pipeline": self.pipeline.to_config(),
+            "progress": {"epoch": self._progress.epoch, "step": self._progress.step},
+            "totals": {"exact": self.totals.exact, "computed": self.totals.computed, "zero": self.totals.zero},
+            "rng": {site.name: site.rng_state() for site in sites},
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("pipeline")
+        if saved is not None and saved != self.pipeline.to_config():
+            rank_zero_warn(f"ApproxBackward: resuming with method {self.pipeline.to_config()} from a checkpoint "
+                           f"saved with {saved}; the schedules follow the new settings")
+        totals = state_dict.get("totals", {})
+        self.totals = WorkCounter(totals.get("exact", 0), totals.get("computed", 0), totals.get("zero", 0))
+        progress = state_dict.get("progress")
+        if progress:
+            self._progress = Progress(epoch=float(progress["epoch"]), step=int(progress["step"]))
+        self._pending_rng = state_dict.get("rng")
+        if self._model is not None and self._pending_rng is not None:
+            self._apply_rng(self._pending_rng)
+
+    def _apply_rng(self, states: Mapping[str, Any]) -> None:
+        sites = {site.name: site for site in patched_sites(self._model)}
+        unknown = sorted(set(states) - set(sites))
+        if unknown:
+            raise ConfigError("exclude", self.exclude, f"the checkpoint has random streams for layers {unknown} that "
+                              "this run does not approximate", "resume with the exclude setting of the saved run")
+        for name, state in states.items():
+            sites[name].set_rng_state(state)
+        self._pending_rng = None

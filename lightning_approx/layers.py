@@ -1,0 +1,151 @@
+"""The swapped-in layers.
+
+A patched layer is the user's own ``nn.Conv2d`` / ``nn.Linear`` object with its class
+switched to a subclass whose training forward routes through a method's backward. Nothing
+else about the object changes: the same ``Parameter`` objects, hooks, ``state_dict`` keys,
+device and dtype, and ``isinstance(layer, nn.Conv2d)`` still holds. So optimizers, DDP and
+checkpoints never notice, and :func:`~lightning_approx.surgery.restore` only switches the
+class back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+from lightning_approx.methods.pipeline import Pipeline
+from lightning_approx.ops.accounting import WorkCounter
+from lightning_approx.ops.conv import ConvGeometry
+
+
+@dataclass(eq=False)
+class LayerSite:
+    """Everything a method needs to know about one patched layer.
+
+    Attributes:
+        name: Qualified name in the model (``"layer1.0.conv1"``).
+        index: Position among the patched layers; seeds this layer's random stream.
+        pipeline: The methods applied (shared by all layers patched together).
+        geometry: Conv hyperparameters (``None`` for Linear).
+        seed: Base seed of the random streams.
+        work: Backward MACs since the last reset.
+    """
+
+    name: str
+    index: int
+    pipeline: Pipeline
+    geometry: ConvGeometry | None
+    seed: int
+    work: WorkCounter = field(default_factory=WorkCounter)
+    _generators: dict[torch.device, torch.Generator] = field(default_factory=dict, repr=False)
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        """This layer's random stream on ``device`` (one per device, created on first use)."""
+        gen = self._generators.get(device)
+        if gen is None:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(self.seed * 1_000_003 + self.index)
+            self._generators[device] = gen
+        return gen
+
+    def rng_state(self) -> dict[str, Tensor]:
+        return {str(dev): gen.get_state() for dev, gen in self._generators.items()}
+
+    def set_rng_state(self, states: dict[str, Tensor]) -> None:
+        for dev, state in states.items():
+            self.generator(torch.device(dev)).set_state(state)
+
+
+class _Conv2dFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, site: LayerSite) -> Tensor:
+        ctx.site = site
+        ctx.save_for_backward(x, weight)
+        return site.geometry.forward(x, weight, bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy: Tensor):
+        x, weight = ctx.saved_tensors
+        grads = ctx.site.pipeline.conv2d_backward(ctx.site, x, weight, dy.contiguous(), ctx.needs_input_grad[:3])
+        return (*grads, None)
+
+
+class _LinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, site: LayerSite) -> Tensor:
+        ctx.site = site
+        ctx.save_for_backward(x, weight)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy: Tensor):
+        x, weight = ctx.saved_tensors
+        x2 = x.reshape(-1, x.shape[-1])
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        gx, gw, gb = ctx.site.pipeline.linear_backward(ctx.site, x2, weight, dy2, ctx.needs_input_grad[:3])
+        return (gx.view(x.shape) if gx is not None else None), gw, gb, None
+
+
+def _count_exact(site: LayerSite, macs: int, x: Tensor, weight: Tensor) -> None:
+    # The plain layer runs the exact backward: count it as computed in full.
+    parts = int(x.requires_grad) + int(weight.requires_grad)
+    site.work.add(exact=macs * parts, computed=macs * parts)
+
+
+class ApproxConv2d(nn.Conv2d):
+    """An ``nn.Conv2d`` whose training backward is computed by ``approx_site.pipeline``.
+
+    Never constructed directly: :func:`~lightning_approx.surgery.approximate` switches the
+    class of an existing ``nn.Conv2d`` and attaches ``approx_site``.
+    """
+
+    approx_site: LayerSite
+
+    def forward(self, x: Tensor) -> Tensor:
+        site = self.approx_site
+        if not (self.training and torch.is_grad_enabled()):
+            return super().forward(x)
+        pipeline = site.pipeline
+        if pipeline.is_exact:
+            y = super().forward(x)
+            _count_exact(site, site.geometry.macs(x.shape, self.weight, y.shape), x, self.weight)
+            return y
+        x = site.geometry.prepare_input(x)
+        if pipeline.forward_method is not None:
+            return pipeline.forward_method.conv2d_forward(site, x, self.weight, self.bias)
+        return _Conv2dFunction.apply(x, self.weight, self.bias, site)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, approx={self.approx_site.pipeline!r}"
+
+
+class ApproxLinear(nn.Linear):
+    """An ``nn.Linear`` whose training backward is computed by ``approx_site.pipeline``."""
+
+    approx_site: LayerSite
+
+    def forward(self, x: Tensor) -> Tensor:
+        site = self.approx_site
+        if not (self.training and torch.is_grad_enabled()):
+            return super().forward(x)
+        pipeline = site.pipeline
+        if pipeline.is_exact:
+            _count_exact(site, x.numel() // x.shape[-1] * self.weight.numel(), x, self.weight)
+            return super().forward(x)
+        if pipeline.forward_method is not None:
+            return pipeline.forward_method.linear_forward(site, x, self.weight, self.bias)
+        return _LinearFunction.apply(x, self.weight, self.bias, site)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, approx={self.approx_site.pipeline!r}"
+
+
+# exact class -> patched class; patching only ever maps these exact types.
+PATCHED_CLASS: dict[type[nn.Module], type[nn.Module]] = {nn.Conv2d: ApproxConv2d, nn.Linear: ApproxLinear}
+EXACT_CLASS: dict[type[nn.Module], type[nn.Module]] = {v: k for k, v in PATCHED_CLASS.items()}

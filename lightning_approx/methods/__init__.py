@@ -1,0 +1,8 @@
+"""The approximation methods, one family per module, and the registry that builds them."""
+
+from lightning_approx.methods.base import Method
+from lightning_approx.methods.pipeline import Pipeline
+from lightning_approx.methods.registry import METHODS, build_method, register
+from lightning_approx.methods.sampling import CRS
+
+__all__ = ["CRS", "METHODS", "Method", "Pipeline", "build_method", "register"]

@@ -1,0 +1,122 @@
+"""Column-row sampling of the backward products (Adelman et al., NeurIPS 2021).
+
+``crs``: the weight gradient ``sum_n conv_w(x_n, dy_n)`` is estimated from k of the B
+samples, and the input gradient ``sum_c conv_t(dy_c, W_c)`` from k of the output channels
+(of each group), drawn with replacement with p ∝ ||A_i||·||B_i|| and scaled by 1/(k p_i):
+unbiased, and the products run on the gathered, smaller tensors.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from lightning_approx.errors import ConfigError
+from lightning_approx.methods.base import Hyperparameter, Method
+from lightning_approx.methods.registry import register
+from lightning_approx.ops.conv import conv2d_grad_input, conv2d_grad_weight
+from lightning_approx.ops.sampling import crs_sample, sample_count
+from lightning_approx.schedules import Schedule
+
+if TYPE_CHECKING:
+    from lightning_approx.layers import LayerSite
+
+SAMPLE_RATIO = Hyperparameter(low=0.0, high=1.0, low_open=True, high_open=False, exact_at=1.0,
+                              fix="give a fraction in (0, 1]; 1.0 computes the exact gradients")
+
+
+def _scale_rows(t: Tensor, scale: Tensor, dim: int) -> Tensor:
+    shape = [1] * t.dim()
+    shape[dim] = -1
+    return t * scale.to(t.dtype).view(shape)
+
+
+@register
+class CRS(Method):
+    """Column-row sampling in backward mode (forward exact).
+
+    Args:
+        sample_ratio: Fraction of the batch samples (weight gradient) and of the output
+            channels (input gradient) that are computed; a float or a schedule. 1.0 is exact.
+        uniform_mix: Weight of the uniform distribution mixed into the sampling
+            probabilities, in [0, 1); bounds the 1/p scale of rarely drawn pairs.
+    """
+
+    name = "crs"
+    stages = frozenset({"grad_input", "grad_weight"})
+    unbiased = True
+    hyperparameters = {"sample_ratio": SAMPLE_RATIO}
+
+    def __init__(self, sample_ratio: float | Schedule = 0.5, uniform_mix: float = 0.0) -> None:
+        super().__init__()
+        self._set("sample_ratio", sample_ratio)
+        if isinstance(uniform_mix, bool) or not isinstance(uniform_mix, (int, float)) or not 0 <= uniform_mix < 1:
+            raise ConfigError(f"{self.name}.uniform_mix", uniform_mix, "must lie in [0, 1)",
+                              "give 0.0 for pure norm-proportional sampling, or e.g. 0.1")
+        self.uniform_mix = float(uniform_mix)
+
+    def options(self) -> dict:
+        return {"uniform_mix": self.uniform_mix}
+
+    # --- pair selection: the part bernoulli_crs / topk change ----------------------------
+    def select(self, weights: Tensor, k: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """Chooses k pairs per row of ``weights``; returns ``(indices, scale)``."""
+        return crs_sample(weights, k, generator, self.uniform_mix)
+
+    def _exact(self) -> bool:
+        return self.value("sample_ratio") >= 1.0
+
+    # --- Conv2d ------------------------------------------------------------------------
+    def conv2d_grad_weight(self, site: LayerSite, x: Tensor, weight: Tensor, dy: Tensor) -> tuple[Tensor, int]:
+        geom = site.geometry
+        macs = geom.macs(x.shape, weight, dy.shape)
+        n = x.shape[0]
+        if self._exact():
+            return conv2d_grad_weight(geom, x, weight, dy), macs
+        k = sample_count(self.value("sample_ratio"), n)
+        norms = torch.linalg.vector_norm(x, dim=(1, 2, 3)) * torch.linalg.vector_norm(dy, dim=(1, 2, 3))
+        idx, scale = self.select(norms, k, site.generator(x.device))
+        dy_k = _scale_rows(dy.index_select(0, idx), scale, 0)
+        grad = conv2d_grad_weight(geom, x.index_select(0, idx), weight, dy_k)
+        return grad, macs * idx.numel() // n
+
+    def conv2d_grad_input(self, site: LayerSite, x: Tensor, weight: Tensor, dy: Tensor) -> tuple[Tensor, int]:
+        geom = site.geometry
+        macs = geom.macs(x.shape, weight, dy.shape)
+        if self._exact():
+            return conv2d_grad_input(geom, x, weight, dy), macs
+        cout, groups = weight.shape[0], geom.groups
+        per_group = cout // groups
+        k = sample_count(self.value("sample_ratio"), per_group)
+        # Grouped convs keep their structure: the same number of channels from every group.
+        norms = torch.linalg.vector_norm(weight, dim=(1, 2, 3)) * torch.linalg.vector_norm(dy, dim=(0, 2, 3))
+        idx, scale = self.select(norms.view(groups, per_group), k, site.generator(x.device))
+        idx = (idx + torch.arange(groups, device=idx.device).unsqueeze(1) * per_group).flatten()
+        dy_k = _scale_rows(dy.index_select(1, idx), scale.flatten(), 1)
+        grad = conv2d_grad_input(geom, x, weight.index_select(0, idx), dy_k)
+        return grad, macs * idx.numel() // cout
+
+    # --- Linear (x: (N, in), dy: (N, out)) ------------------------------------------------
+    def linear_grad_weight(self, site: LayerSite, x: Tensor, weight: Tensor, dy: Tensor) -> tuple[Tensor, int]:
+        n = x.shape[0]
+        macs = n * weight.shape[0] * weight.shape[1]
+        if self._exact():
+            return dy.t().mm(x), macs
+        k = sample_count(self.value("sample_ratio"), n)
+        norms = torch.linalg.vector_norm(x, dim=1) * torch.linalg.vector_norm(dy, dim=1)
+        idx, scale = self.select(norms, k, site.generator(x.device))
+        dy_k = _scale_rows(dy.index_select(0, idx), scale, 0)
+        return dy_k.t().mm(x.index_select(0, idx)), macs * idx.numel() // n
+
+    def linear_grad_input(self, site: LayerSite, x: Tensor, weight: Tensor, dy: Tensor) -> tuple[Tensor, int]:
+        out = weight.shape[0]
+        macs = x.shape[0] * out * weight.shape[1]
+        if self._exact():
+            return dy.mm(weight), macs
+        k = sample_count(self.value("sample_ratio"), out)
+        norms = torch.linalg.vector_norm(weight, dim=1) * torch.linalg.vector_norm(dy, dim=0)
+        idx, scale = self.select(norms, k, site.generator(x.device))
+        dy_k = _scale_rows(dy.index_select(1, idx), scale, 1)
+        return dy_k.mm(weight.index_select(0, idx)), macs * idx.numel() // out

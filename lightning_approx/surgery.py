@@ -1,0 +1,152 @@
+"""Patch and restore: switch a model's Conv2d / Linear layers to their approximate classes
+and back, in place."""
+
+from __future__ import annotations
+
+import fnmatch
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from torch import nn
+
+from lightning_approx.errors import ConfigError
+from lightning_approx.layers import EXACT_CLASS, PATCHED_CLASS, LayerSite
+from lightning_approx.methods import Method, Pipeline, build_method
+from lightning_approx.ops.conv import ConvGeometry
+
+AUTO = "auto"
+
+
+def make_pipeline(method: str | Method | Mapping | Sequence | Pipeline, **hyperparameters: Any) -> Pipeline:
+    """Builds the pipeline for one method or a list of methods that compose."""
+    if isinstance(method, Pipeline):
+        if hyperparameters:
+            raise ConfigError("method", method, f"settings {sorted(hyperparameters)} were given next to a Pipeline",
+                              "set them on the methods inside it")
+        return method
+    if isinstance(method, Sequence) and not isinstance(method, str) or _is_list_config(method):
+        if hyperparameters:
+            raise ConfigError("method", method, f"settings {sorted(hyperparameters)} are ambiguous with several "
+                              "methods", "set them inside each method's entry")
+        return Pipeline([build_method(m, field=f"method[{i}]") for i, m in enumerate(method)])
+    return Pipeline([build_method(method, **hyperparameters)])
+
+
+def _is_list_config(value: Any) -> bool:
+    try:
+        from omegaconf import ListConfig
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(value, ListConfig)
+
+
+def auto_excluded(candidates: list[tuple[str, nn.Module]]) -> set[str]:
+    """The layers kept exact by default: the stem conv (it sees the raw image, its input
+    gradient is never needed and its weight gradient is cheap relative to its effect), and the
+    final classifier (its few, large-fan-in weights turn sampling noise directly into logit
+    noise)."""
+    names: set[str] = set()
+    convs = [(n, m) for n, m in candidates if isinstance(m, nn.Conv2d)]
+    if convs and convs[0][1].in_channels <= 3:
+        names.add(convs[0][0])
+    linears = [n for n, m in candidates if isinstance(m, nn.Linear)]
+    if linears:
+        names.add(linears[-1])
+    return names
+
+
+def select_layers(model: nn.Module, exclude: str | Iterable[str] | None = AUTO) -> list[tuple[str, nn.Module]]:
+    """The (name, layer) pairs to patch: every plain ``nn.Conv2d`` / ``nn.Linear`` (or an
+    already patched one) whose qualified name matches no ``exclude`` pattern.
+
+    Args:
+        model: The model.
+        exclude: ``"auto"`` (see :func:`auto_excluded`), ``None`` / ``[]`` (nothing), or
+            fnmatch patterns over qualified names (``"layer1.*"``); ``"auto"`` may be one of them.
+
+    Raises:
+        ConfigError: A pattern matches no layer, or nothing is left to patch.
+    """
+    candidates, foreign = [], []
+    for name, module in model.named_modules():
+        if type(module) in PATCHED_CLASS or type(module) in EXACT_CLASS:
+            candidates.append((name, module))
+        elif isinstance(module, (nn.Conv2d, nn.Linear)):
+            foreign.append(name)
+    if foreign:
+        warnings.warn(f"layers {foreign} subclass nn.Conv2d/nn.Linear with their own forward; they stay exact",
+                      stacklevel=3)
+    patterns = [exclude] if isinstance(exclude, str) else list(exclude or [])
+    excluded: set[str] = set()
+    for i, pattern in enumerate(patterns):
+        if pattern == AUTO:
+            excluded |= auto_excluded(candidates)
+            continue
+        if not isinstance(pattern, str):
+            raise ConfigError(f"exclude[{i}]", pattern, "must be a name pattern", "give a string such as 'layer1.*'")
+        hits = {n for n, _ in candidates if fnmatch.fnmatchcase(n, pattern)}
+        if not hits:
+            raise ConfigError(f"exclude[{i}]", pattern, "matches no Conv2d/Linear layer of the model",
+                              f"use a pattern over these names: {[n for n, _ in candidates][:12]}")
+        excluded |= hits
+    chosen = [(n, m) for n, m in candidates if n not in excluded]
+    if not chosen:
+        raise ConfigError("exclude", exclude, "leaves no Conv2d/Linear layer to approximate",
+                          "exclude fewer layers (the default 'auto' keeps only the stem conv and classifier exact)")
+    return chosen
+
+
+def approximate(model: nn.Module, method: str | Method | Mapping | Sequence | Pipeline = "crs", *,
+                exclude: str | Iterable[str] | None = AUTO, seed: int = 0, **hyperparameters: Any) -> list[str]:
+    """Switches the model's Conv2d / Linear layers to approximate backward passes, in place.
+
+    The layers keep their ``Parameter`` objects, ``state_dict`` keys, device, dtype and
+    ``isinstance`` checks, so optimizers, DDP and checkpoints are untouched. Evaluation
+    (``model.eval()`` or ``torch.no_grad()``) is always exact. Calling it on a patched model
+    replaces the method; it never wraps twice.
+
+    Args:
+        model: The model to patch.
+        method: A method name (``"crs"``), a :class:`~lightning_approx.methods.Method`, a
+            mapping from YAML, or a list of methods that compose.
+        exclude: Layers to keep exact (see :func:`select_layers`).
+        seed: Seed of the layers' random streams (layer i uses its own stream).
+        **hyperparameters: The method's settings when ``method`` is a name, e.g.
+            ``sample_ratio=0.5``.
+
+    Returns:
+        The qualified names of the patched layers.
+
+    Example:
+        >>> names = approximate(model, "crs", sample_ratio=0.5)
+        >>> restore(model)
+    """
+    pipeline = make_pipeline(method, **hyperparameters)
+    layers = select_layers(model, exclude)
+    for index, (name, module) in enumerate(layers):
+        exact_cls = EXACT_CLASS.get(type(module), type(module))
+        geometry = ConvGeometry.of(module) if exact_cls is nn.Conv2d else None
+        module.__class__ = PATCHED_CLASS[exact_cls]
+        module.approx_site = LayerSite(name, index, pipeline, geometry, seed)
+    return [name for name, _ in layers]
+
+
+def restore(model: nn.Module) -> list[str]:
+    """Puts the exact layer classes back, in place; returns the names restored.
+
+    Safe on a model that was never patched (returns ``[]``).
+    """
+    restored = []
+    for name, module in model.named_modules():
+        exact_cls = EXACT_CLASS.get(type(module))
+        if exact_cls is not None:
+            module.__class__ = exact_cls
+            module.__dict__.pop("approx_site", None)
+            restored.append(name)
+    return restored
+
+
+def patched_sites(model: nn.Module) -> list[LayerSite]:
+    """The sites of the patched layers, in module order."""
+    return [m.approx_site for m in model.modules() if type(m) in EXACT_CLASS]

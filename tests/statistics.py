@@ -1,0 +1,50 @@
+"""A CLT test of unbiasedness for Monte-Carlo gradient estimators."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+
+def unbiasedness_statistic(draw: Callable[[], Tensor], exact: Tensor, samples: int) -> tuple[float, float]:
+    """Runs ``draw`` ``samples`` times and standardises the mean's error element-wise.
+
+    Under unbiasedness each ``t_e = (mean_e - exact_e) / (std_e / sqrt(M))`` is about N(0, 1),
+    so ``mean(t_e**2)`` is about 1 with standard deviation sqrt(2 / d) for d independent
+    elements (elements are correlated, so tests leave a wide margin), and ``max |t_e|`` stays
+    below a Bonferroni bound.
+
+    Returns:
+        ``(mean of t squared, max |t|)`` over elements whose estimate varies.
+    """
+    total = torch.zeros_like(exact, dtype=torch.float64)
+    total_sq = torch.zeros_like(total)
+    for _ in range(samples):
+        g = draw().double()
+        total += g
+        total_sq += g * g
+    mean = total / samples
+    var = (total_sq / samples - mean * mean).clamp_min(0) * samples / (samples - 1)
+    std_err = var.sqrt() / math.sqrt(samples)
+    varies = std_err > 1e-12 * exact.abs().max().clamp_min(1e-30)
+    # Elements that never vary must be exact already.
+    assert torch.allclose(mean[~varies], exact.double()[~varies], rtol=1e-9, atol=1e-12)
+    t = (mean[varies] - exact.double()[varies]) / std_err[varies]
+    return float((t * t).mean()), float(t.abs().max())
+
+
+def assert_unbiased(draw: Callable[[], Tensor], exact: Tensor, samples: int = 2000) -> None:
+    mean_t2, max_t = unbiasedness_statistic(draw, exact, samples)
+    d = exact.numel()
+    assert mean_t2 < 1.0 + 6 * math.sqrt(2 / d) + 0.15, f"mean t^2 = {mean_t2:.3f}: estimator looks biased"
+    bound = math.sqrt(2 * math.log(2 * d / 1e-4))  # Bonferroni-style, family-wise 1e-4
+    assert max_t < bound + 1.0, f"max |t| = {max_t:.2f} > {bound:.2f}: estimator looks biased"
+
+
+def looks_biased(draw: Callable[[], Tensor], exact: Tensor, samples: int = 2000) -> bool:
+    mean_t2, max_t = unbiasedness_statistic(draw, exact, samples)
+    d = exact.numel()
+    return mean_t2 > 1.0 + 6 * math.sqrt(2 / d) + 0.15 or max_t > math.sqrt(2 * math.log(2 * d / 1e-4)) + 1.0

@@ -1,0 +1,157 @@
+"""ApproxBackward through a real Trainer: patch at fit start, exact layers after, schedules
+follow progress, logs, resume, and restore when fit raises."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import OmegaConf
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_approx import ApproxBackward, ConfigError
+from lightning_approx.layers import ApproxConv2d
+from lightning_approx.schedules import Linear
+
+
+class TinyCNN(pl.LightningModule):
+    def __init__(self, fail_at_step: int | None = None):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+        self.fail_at_step = fail_at_step
+        self.seen_types: list[type] = []
+
+    def forward(self, x):
+        x = torch.relu(self.conv(torch.relu(self.stem(x))))
+        return self.fc(x.mean((2, 3)))
+
+    def training_step(self, batch, batch_idx):
+        self.seen_types.append(type(self.conv))
+        if self.fail_at_step is not None and self.global_step == self.fail_at_step:
+            raise RuntimeError("boom")
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+
+def loader(n=32, batch=8):
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(n, 3, 8, 8, generator=g), torch.randint(0, 4, (n,), generator=g))
+    return DataLoader(data, batch_size=batch)
+
+
+def trainer(tmp_path, callbacks, **kw):
+    return pl.Trainer(default_root_dir=tmp_path, accelerator="cpu", logger=pl.loggers.CSVLogger(tmp_path),
+                      callbacks=callbacks, enable_progress_bar=False, enable_model_summary=False,
+                      log_every_n_steps=1, **kw)
+
+
+def test_fit_patches_during_training_and_leaves_exact_layers(tmp_path):
+    model = TinyCNN()
+    cb = ApproxBackward("crs", sample_ratio=0.5)
+    trainer(tmp_path, [cb], max_epochs=1).fit(model, loader())
+    assert set(model.seen_types) == {ApproxConv2d}
+    assert type(model.conv) is nn.Conv2d and not hasattr(model.conv, "approx_site")
+    assert cb.layer_names == ["conv"]
+    metrics = trainer_metrics(tmp_path)
+    assert metrics["approx/crs.sample_ratio"] == [0.5] * 4
+    assert all(abs(w - 0.5) < 1e-9 for w in metrics["approx/backward_work"])
+    assert all(t > 0 for t in metrics["approx/step_time"])
+    assert metrics["approx/work/conv"] == metrics["approx/backward_work"]
+
+
+def trainer_metrics(tmp_path) -> dict[str, list[float]]:
+    import csv
+
+    (path,) = tmp_path.glob("lightning_logs/version_*/metrics.csv")
+    rows = list(csv.DictReader(open(path)))
+    out: dict[str, list[float]] = {}
+    for row in rows:
+        for k, v in row.items():
+            if v not in ("", None):
+                out.setdefault(k, []).append(float(v))
+    return out
+
+
+def test_schedule_follows_fractional_epochs(tmp_path):
+    cb = ApproxBackward("crs", sample_ratio=Linear(start=1.0, end=0.5, begin=0, until=2))
+    trainer(tmp_path, [cb], max_epochs=3).fit(TinyCNN(), loader())
+    ratios = trainer_metrics(tmp_path)["approx/crs.sample_ratio"]
+    expected = [1.0 - 0.5 * min(1.0, (e + b / 4) / 2) for e in range(3) for b in range(4)]
+    assert ratios == pytest.approx(expected)
+    work = trainer_metrics(tmp_path)["approx/backward_work"]
+    assert work[0] == 1.0 and work[-1] == pytest.approx(0.5)
+
+
+def test_layers_restored_when_fit_raises(tmp_path):
+    model = TinyCNN(fail_at_step=2)
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer(tmp_path, [ApproxBackward("crs", sample_ratio=0.5)], max_epochs=1).fit(model, loader())
+    assert ApproxConv2d in model.seen_types
+    assert type(model.conv) is nn.Conv2d and not hasattr(model.conv, "approx_site")
+
+
+def test_resume_continues_schedule_and_random_streams(tmp_path):
+    def run(root, max_epochs, ckpt_path=None):
+        pl.seed_everything(0)
+        model = TinyCNN()
+        cb = ApproxBackward("crs", sample_ratio=Linear(start=1.0, end=0.25, begin=0, until=4), seed=3)
+        t = trainer(root, [cb, ModelCheckpoint(dirpath=root / "ckpt", save_last=True)], max_epochs=max_epochs)
+        t.fit(model, loader(), ckpt_path=ckpt_path)
+        return model, root
+
+    straight, _ = run(tmp_path / "a", 4)
+    run(tmp_path / "b", 2)
+    resumed, root = run(tmp_path / "c", 4, ckpt_path=tmp_path / "b" / "ckpt" / "last.ckpt")
+    for p, q in zip(straight.parameters(), resumed.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    ratios = trainer_metrics(root)["approx/crs.sample_ratio"]
+    assert ratios[0] == pytest.approx(1.0 - 0.75 * 2 / 4)  # starts at epoch 2, not 0
+
+
+def test_callback_from_yaml_and_class_path(tmp_path):
+    from jsonargparse import ArgumentParser
+
+    yaml = """
+    cb:
+      class_path: lightning_approx.ApproxBackward
+      init_args:
+        method: crs
+        sample_ratio:
+          class_path: lightning_approx.schedules.Cosine
+          init_args: {start: 1.0, end: 0.25, begin: 0, until: 10}
+        exclude: [auto]
+    """
+    parser = ArgumentParser()
+    parser.add_argument("--cb", type=pl.Callback)
+    cfg = parser.parse_string(yaml)
+    cb = parser.instantiate_classes(cfg).cb
+    assert isinstance(cb, ApproxBackward)
+    assert cb.pipeline.methods[0].schedule("sample_ratio").to_config()["type"] == "cosine"
+    # omegaconf: the method config written by one callback builds an equal one
+    conf = OmegaConf.create({"method": cb.pipeline.to_config()})
+    again = ApproxBackward(method=conf.method)
+    assert again.pipeline.to_config() == cb.pipeline.to_config()
+    assert OmegaConf.to_yaml(conf)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [({"method": "nope"}, "method"), ({"sample_ratio": 0}, "crs.sample_ratio"),
+     ({"sample_ratio": {"type": "linear", "start": 1.0, "end": 0.5, "begin": 5, "until": 2}}, "crs.sample_ratio")],
+)
+def test_bad_configuration_fails_at_construction(kwargs, field):
+    with pytest.raises(ConfigError) as err:
+        ApproxBackward(**kwargs)
+    assert err.value.field.startswith(field) and "Fix:" in str(err.value)
+
+
+def test_exclude_pattern_matching_nothing_fails_at_setup(tmp_path):
+    with pytest.raises(ConfigError, match=r"exclude\[0\]"):
+        trainer(tmp_path, [ApproxBackward("crs", exclude=["missing.*"])], max_epochs=1).fit(TinyCNN(), loader())

@@ -1,0 +1,175 @@
+"""The crs estimator: exact at ratio 1.0 for every layer configuration, unbiased below it,
+and really computed on smaller tensors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_approx import approximate, restore
+from lightning_approx.methods import CRS, Pipeline
+from lightning_approx.surgery import patched_sites
+from tests.statistics import assert_unbiased, looks_biased
+
+CONV_CONFIGS = [
+    dict(in_channels=4, out_channels=6, kernel_size=3),
+    dict(in_channels=4, out_channels=6, kernel_size=3, stride=2, padding=1, bias=False),
+    dict(in_channels=4, out_channels=6, kernel_size=(3, 5), stride=(2, 1), padding=(1, 2), dilation=(2, 1)),
+    dict(in_channels=4, out_channels=8, kernel_size=3, padding=1, groups=2),
+    dict(in_channels=6, out_channels=6, kernel_size=3, padding=1, groups=6, bias=False),  # depthwise
+    dict(in_channels=4, out_channels=6, kernel_size=1),
+    dict(in_channels=4, out_channels=6, kernel_size=4, padding="same"),  # asymmetric 'same'
+    dict(in_channels=4, out_channels=6, kernel_size=3, padding="valid"),
+    dict(in_channels=4, out_channels=6, kernel_size=3, padding=1, padding_mode="reflect"),
+    dict(in_channels=4, out_channels=6, kernel_size=3, padding=1, padding_mode="circular"),
+]
+
+
+def _grads(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> list[torch.Tensor]:
+    x = x.clone().requires_grad_(True)
+    layer.zero_grad(set_to_none=True)
+    layer(x).backward(dy)
+    return [x.grad] + [p.grad for p in layer.parameters()]
+
+
+class _ThroughMethod(Pipeline):
+    """Runs the method's own backward even at ratio 1.0 (layers would otherwise take the
+    plain path, exact by construction)."""
+
+    is_exact = False
+
+
+def _exact_vs_patched(layer: nn.Module, x: torch.Tensor, method: CRS):
+    y = layer(x)
+    dy = torch.randn_like(y)
+    exact = _grads(layer, x, dy)
+    approximate(layer, _ThroughMethod([method]), exclude=None)
+    patched = _grads(layer, x, dy)
+    restore(layer)
+    return exact, patched
+
+
+@pytest.mark.parametrize("cfg", CONV_CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_conv_ratio_one_is_exact(cfg):
+    layer = nn.Conv2d(**cfg).double()
+    x = torch.randn(5, cfg["in_channels"], 9, 11, dtype=torch.float64)
+    exact, patched = _exact_vs_patched(layer, x, CRS(sample_ratio=1.0))
+    for e, p in zip(exact, patched, strict=True):
+        torch.testing.assert_close(p, e, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (3, 4, 5), (2, 3, 4, 5)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_ratio_one_is_exact(shape, bias):
+    layer = nn.Linear(5, 6, bias=bias).double()
+    x = torch.randn(*shape, dtype=torch.float64)
+    exact, patched = _exact_vs_patched(layer, x, CRS(sample_ratio=1.0))
+    for e, p in zip(exact, patched, strict=True):
+        torch.testing.assert_close(p, e, rtol=1e-12, atol=1e-12)
+
+
+def test_plain_path_at_ratio_one_is_bitwise_exact():
+    layer = nn.Conv2d(3, 4, 3)
+    x = torch.randn(4, 3, 8, 8)
+    dy = torch.randn(4, 4, 6, 6)
+    exact = _grads(layer, x, dy)
+    approximate(layer, "crs", sample_ratio=1.0, exclude=None)
+    patched = _grads(layer, x, dy)
+    for e, p in zip(exact, patched, strict=True):
+        assert torch.equal(e, p)
+
+
+def _site(layer: nn.Module, method: CRS):
+    approximate(layer, Pipeline([method]), exclude=None, seed=1)
+    return patched_sites(layer)[0]
+
+
+@pytest.mark.parametrize("cfg", [CONV_CONFIGS[1], CONV_CONFIGS[3]], ids=["strided", "grouped"])
+def test_conv_crs_is_unbiased(cfg):
+    layer = nn.Conv2d(**cfg).double()
+    method = CRS(sample_ratio=0.4, uniform_mix=0.1)
+    site = _site(layer, method)
+    x = torch.randn(6, cfg["in_channels"], 7, 7, dtype=torch.float64)
+    x[0] *= 5  # uneven norms, so the 1/(k p) scaling matters
+    w = layer.weight.detach()
+    dy = torch.randn_like(layer(x).detach())
+    from lightning_approx.ops.conv import conv2d_grad_input, conv2d_grad_weight
+
+    exact_w = conv2d_grad_weight(site.geometry, x, w, dy)
+    exact_x = conv2d_grad_input(site.geometry, x, w, dy)
+    assert_unbiased(lambda: method.conv2d_grad_weight(site, x, w, dy)[0], exact_w)
+    assert_unbiased(lambda: method.conv2d_grad_input(site, x, w, dy)[0], exact_x)
+
+
+def test_linear_crs_is_unbiased():
+    layer = nn.Linear(6, 5).double()
+    method = CRS(sample_ratio=0.5)
+    site = _site(layer, method)
+    x = torch.randn(8, 6, dtype=torch.float64) * torch.linspace(0.2, 3, 8, dtype=torch.float64)[:, None]
+    w = layer.weight.detach()
+    dy = torch.randn(8, 5, dtype=torch.float64)
+    assert_unbiased(lambda: method.linear_grad_weight(site, x, w, dy)[0], dy.t() @ x)
+    assert_unbiased(lambda: method.linear_grad_input(site, x, w, dy)[0], dy @ w)
+
+
+class _Unscaled(CRS):
+    """Norm-proportional draws scaled by 1/k instead of 1/(k p): biased on purpose."""
+
+    name = "crs_unscaled_test_only"
+
+    def select(self, weights, k, generator):
+        idx, scale = super().select(weights, k, generator)
+        return idx, torch.full_like(scale, 1.0 / k) * weights.shape[-1]
+
+
+def test_statistical_check_rejects_a_biased_estimator():
+    layer = nn.Linear(6, 5).double()
+    method = _Unscaled(sample_ratio=0.5)
+    site = _site(layer, method)
+    x = torch.randn(8, 6, dtype=torch.float64) * torch.linspace(0.2, 3, 8, dtype=torch.float64)[:, None]
+    dy = torch.randn(8, 5, dtype=torch.float64)
+    assert looks_biased(lambda: method.linear_grad_weight(site, x, layer.weight.detach(), dy)[0], dy.t() @ x)
+
+
+def test_sampled_products_run_on_smaller_tensors(monkeypatch):
+    """The weight gradient is computed from k samples, not from a zero-filled batch."""
+    import lightning_approx.methods.sampling as sampling
+
+    seen = []
+    real = sampling.conv2d_grad_weight
+
+    def spy(geom, x, weight, dy):
+        seen.append((x.shape[0], dy.shape[0]))
+        return real(geom, x, weight, dy)
+
+    monkeypatch.setattr(sampling, "conv2d_grad_weight", spy)
+    layer = nn.Conv2d(4, 8, 3, padding=1)
+    approximate(layer, "crs", sample_ratio=0.25, exclude=None)
+    x = torch.randn(16, 4, 8, 8, requires_grad=True)
+    layer(x).sum().backward()
+    assert seen == [(4, 4)]
+    site = patched_sites(layer)[0]
+    assert site.work.exact == 2 * 16 * 8 * 64 * 4 * 9
+    assert site.work.computed == 16 * 8 * 64 * 4 * 9 * (4 / 16 + 2 / 8)
+
+
+def test_first_layer_input_grad_is_not_counted():
+    layer = nn.Conv2d(3, 8, 3)
+    approximate(layer, "crs", sample_ratio=0.5, exclude=None)
+    layer(torch.randn(4, 3, 6, 6)).sum().backward()  # the input needs no gradient
+    site = patched_sites(layer)[0]
+    macs = 4 * 8 * 16 * 3 * 9
+    assert site.work.exact == macs and site.work.computed == macs // 2
+
+
+def test_eval_and_no_grad_are_exact():
+    torch.manual_seed(0)
+    layer = nn.Conv2d(4, 6, 3)
+    x = torch.randn(2, 4, 8, 8)
+    ref = layer(x).detach()
+    approximate(layer, "crs", sample_ratio=0.1, exclude=None)
+    with torch.no_grad():
+        assert torch.equal(layer(x), ref)
+    layer.eval()
+    assert torch.equal(layer(x).detach(), ref)
