@@ -26,23 +26,11 @@ import torch
 from torch import nn
 
 from lightning_approx import approximate
+from lightning_approx.methods import parse_spec
 from lightning_approx.models import build_model
 from lightning_approx.surgery import patched_sites
 
 DEFAULT_VARIANTS = ["crs:sample_ratio=0.5", "crs:sample_ratio=0.25"]
-
-
-def parse_variant(spec: str) -> tuple[str, dict[str, float]]:
-    """``"crs:sample_ratio=0.5"`` -> ``("crs", {"sample_ratio": 0.5})``."""
-    name, _, rest = spec.partition(":")
-    kwargs = {}
-    for item in filter(None, rest.split(",")):
-        key, _, value = item.partition("=")
-        try:
-            kwargs[key] = float(value)
-        except ValueError:
-            kwargs[key] = value
-    return name, kwargs
 
 
 def sync(device: torch.device) -> None:
@@ -59,9 +47,8 @@ def run(args: argparse.Namespace) -> dict:
     variants = {"exact": (base, None)}
     for spec in args.variants:
         model = copy.deepcopy(base)
-        name, kwargs = parse_variant(spec)
-        approximate(model, name, seed=0, **kwargs)
-        variants[spec] = (model, name)
+        approximate(model, parse_spec(spec), seed=0)
+        variants[spec] = (model, spec)
     optimizers = {k: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for k, (m, _) in variants.items()}
     times = {k: {"forward": [], "backward": [], "optimizer": [], "step": [], "work": []} for k in variants}
     loss_fn = nn.CrossEntropyLoss()
@@ -126,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--variants", nargs="*", default=DEFAULT_VARIANTS, help="method[:key=value,...]")
+    p.add_argument("--variants", nargs="*", default=DEFAULT_VARIANTS, help="method[:key=value,...], several joined by '+'")
     p.add_argument("--steps", type=int, default=30, help="timed rounds (median over them)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--json", type=Path, help="write the result here")

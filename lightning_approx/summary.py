@@ -27,6 +27,8 @@ class RunResult:
         step_time_s: Median seconds per training step (batch start to batch end).
         test_acc: Final test accuracy in [0, 1] (``None`` when not tested).
         backward_work: Backward MACs computed over exact, whole fit (1.0 for exact runs).
+        curve: ``(training seconds, validation accuracy)`` after each validation, for
+            time-to-accuracy plots (training seconds exclude the validation loops).
     """
 
     name: str
@@ -35,26 +37,41 @@ class RunResult:
     step_time_s: float
     test_acc: float | None = None
     backward_work: float = 1.0
-    extra: dict[str, Any] = field(default_factory=dict)
+    curve: list[tuple[float, float]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 class RunSummary(Callback):
-    """Times ``fit`` and its training steps, and reads the backward work from an
-    :class:`~lightning_approx.ApproxBackward` callback on the same Trainer, if any."""
+    """Times ``fit``, its training steps and its validations, and reads the backward work
+    from an :class:`~lightning_approx.ApproxBackward` callback on the same Trainer, if any."""
 
     def __init__(self) -> None:
         self.step_times: list[float] = []
         self.fit_seconds = 0.0
-        self._fit_t0 = 0.0
-        self._step_t0 = 0.0
+        self.validation_seconds = 0.0
+        self.curve: list[tuple[float, float]] = []
+        self._fit_t0 = self._step_t0 = self._val_t0 = 0.0
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.step_times.clear()
+        self.curve.clear()
+        self.validation_seconds = 0.0
         self._fit_t0 = time.perf_counter()
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._val_t0 = time.perf_counter()
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        now = time.perf_counter()
+        self.validation_seconds += now - self._val_t0
+        acc = trainer.callback_metrics.get("val/acc")
+        if acc is not None and not trainer.sanity_checking:
+            self.curve.append((now - self._fit_t0 - self.validation_seconds, float(acc)))
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
@@ -76,7 +93,7 @@ class RunSummary(Callback):
         work = [cb.totals.fraction for cb in trainer.callbacks if isinstance(cb, ApproxBackward)]
         return RunResult(name=name, epochs=trainer.current_epoch, wall_clock_s=self.fit_seconds,
                          step_time_s=statistics.median(self.step_times) if self.step_times else float("nan"),
-                         test_acc=test_acc, backward_work=work[0] if work else 1.0)
+                         test_acc=test_acc, backward_work=work[0] if work else 1.0, curve=list(self.curve))
 
 
 def format_table(results: list[RunResult], baseline: str | None = None) -> str:

@@ -2,7 +2,7 @@
 
 from lightning_approx.methods.base import Method
 from lightning_approx.methods.pipeline import Pipeline
-from lightning_approx.methods.registry import METHODS, build_method, register
-from lightning_approx.methods.sampling import CRS
+from lightning_approx.methods.registry import METHODS, build_method, parse_spec, register, spec_label
+from lightning_approx.methods.sampling import CRS, BernoulliCRS, TopK
 
-__all__ = ["CRS", "METHODS", "Method", "Pipeline", "build_method", "register"]
+__all__ = ["CRS", "BernoulliCRS", "TopK", "METHODS", "Method", "Pipeline", "build_method", "parse_spec", "register", "spec_label"]

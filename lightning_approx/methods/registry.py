@@ -103,3 +103,36 @@ def _construct(cls: type[Method], kwargs: dict[str, Any], field: str) -> Method:
             raise ConfigError(f"{cls.name}.{key}", kwargs[key], f"method {cls.name!r} has no such setting",
                               f"use one of {sorted(known)}")
     return cls(**kwargs)
+
+
+def parse_spec(text: str) -> list[dict[str, Any]]:
+    """Reads the short command-line form of one or more methods.
+
+    ``"crs:sample_ratio=0.25"`` -> ``[{"name": "crs", "sample_ratio": 0.25}]``;
+    methods that compose are joined by ``+``: ``"relu_mask+crs:sample_ratio=0.5"``.
+    Values are numbers where they parse as numbers, else strings.
+    """
+    configs = []
+    for part in text.split("+"):
+        name, _, rest = part.strip().partition(":")
+        cfg: dict[str, Any] = {"name": name.strip()}
+        for item in filter(None, (s.strip() for s in rest.split(","))):
+            key, eq, value = item.partition("=")
+            if not eq:
+                raise ConfigError("method", text, f"setting {item!r} has no value",
+                                  "write settings as key=value, e.g. crs:sample_ratio=0.5")
+            try:
+                cfg[key.strip()] = int(value) if value.strip().lstrip("-").isdigit() else float(value)
+            except ValueError:
+                cfg[key.strip()] = value.strip()
+        configs.append(cfg)
+    return configs
+
+
+def spec_label(configs: list[dict[str, Any]]) -> str:
+    """The inverse of :func:`parse_spec`, for table rows."""
+    parts = []
+    for cfg in configs:
+        settings = ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in cfg.items() if k != "name")
+        parts.append(cfg["name"] + (f":{settings}" if settings else ""))
+    return "+".join(parts)

@@ -1,5 +1,12 @@
 """Column-row sampling of the backward products (Adelman et al., NeurIPS 2021).
 
+Three ways to choose the pairs share one implementation (:meth:`CRS.select`):
+
+- ``crs``: k draws with replacement, p ∝ ||A_i||·||B_i||, scaled by 1/(k p_i): unbiased;
+- ``bernoulli_crs``: each pair kept independently with p_i = min(c w_i, 1), sum p_i = k,
+  scaled by 1/p_i: unbiased, no duplicates, a random count with mean k;
+- ``topk``: the k largest w_i, unscaled: deterministic and biased.
+
 ``crs``: the weight gradient ``sum_n conv_w(x_n, dy_n)`` is estimated from k of the B
 samples, and the input gradient ``sum_c conv_t(dy_c, W_c)`` from k of the output channels
 (of each group), drawn with replacement with p ∝ ||A_i||·||B_i|| and scaled by 1/(k p_i):
@@ -17,7 +24,7 @@ from lightning_approx.errors import ConfigError
 from lightning_approx.methods.base import Hyperparameter, Method
 from lightning_approx.methods.registry import register
 from lightning_approx.ops.conv import conv2d_grad_input, conv2d_grad_weight
-from lightning_approx.ops.sampling import crs_sample, sample_count
+from lightning_approx.ops.sampling import bernoulli_sample, crs_sample, sample_count, topk_select
 from lightning_approx.schedules import Schedule
 
 if TYPE_CHECKING:
@@ -120,3 +127,40 @@ class CRS(Method):
         idx, scale = self.select(norms, k, site.generator(x.device))
         dy_k = _scale_rows(dy.index_select(1, idx), scale, 1)
         return dy_k.mm(weight.index_select(0, idx)), macs * idx.numel() // out
+
+
+@register
+class BernoulliCRS(CRS):
+    """Bernoulli column-row sampling: each pair kept independently (Adelman et al.).
+
+    Args:
+        sample_ratio: Expected fraction of pairs kept; a float or a schedule. 1.0 is exact.
+        uniform_mix: Weight of the uniform distribution mixed into the weights, in [0, 1).
+    """
+
+    name = "bernoulli_crs"
+
+    def select(self, weights: Tensor, k: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        return bernoulli_sample(weights, k, generator, self.uniform_mix)
+
+
+@register
+class TopK(CRS):
+    """The k pairs with the largest norm products, unscaled (Adelman et al.). Biased: the
+    smallest pairs are always dropped, so the estimate is shrunk towards the large ones.
+
+    Args:
+        sample_ratio: Fraction of pairs kept; a float or a schedule. 1.0 is exact.
+    """
+
+    name = "topk"
+    unbiased = False
+
+    def __init__(self, sample_ratio: float | Schedule = 0.5) -> None:
+        super().__init__(sample_ratio=sample_ratio)
+
+    def options(self) -> dict:
+        return {}
+
+    def select(self, weights: Tensor, k: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        return topk_select(weights, k)

@@ -49,3 +49,56 @@ def crs_sample(weights: Tensor, k: int, generator: torch.Generator | None, unifo
     idx = torch.multinomial(p, k, replacement=True, generator=generator)
     scale = 1.0 / (k * p.gather(-1, idx))
     return idx, scale
+
+
+def bernoulli_probabilities(weights: Tensor, k: int, uniform_mix: float = 0.0) -> Tensor:
+    """Keep-probabilities p_i = min(c w_i, 1) with c chosen so that sum_i p_i = k.
+
+    Clipping the largest pairs at 1 frees probability mass, which goes to the others by
+    raising c (water-filling), so the expected number kept stays k. Rows of a 2-d
+    ``weights`` are solved independently. Where fewer than k weights are non-zero, all of
+    those are kept (the zero pairs contribute nothing).
+    """
+    w = crs_probabilities(weights, uniform_mix)  # normalised, mixed; rows sum to 1
+    sorted_w, _ = w.sort(dim=-1, descending=True)
+    n = w.shape[-1]
+    # With the t largest clipped, c_t = (k - t) / (sum of the rest); the first t whose
+    # largest unclipped pair stays <= 1 is the solution.
+    tail = sorted_w.flip(-1).cumsum(-1).flip(-1)  # tail[t] = sum_{i >= t} sorted_w[i]
+    t = torch.arange(n, device=w.device, dtype=w.dtype)
+    c = (k - t) / tail.clamp_min(torch.finfo(w.dtype).tiny)
+    ok = (sorted_w * c <= 1 + 1e-6) & (t < k)
+    first = torch.where(ok.any(-1), ok.float().argmax(-1), torch.full_like(ok[..., 0], n, dtype=torch.long))
+    c_star = c.gather(-1, first.clamp_max(n - 1).unsqueeze(-1))
+    c_star = torch.where(first.unsqueeze(-1) >= n, torch.full_like(c_star, float("inf")), c_star)
+    return (w * c_star).clamp_max(1.0).nan_to_num(0.0)
+
+
+def bernoulli_sample(weights: Tensor, k: int, generator: torch.Generator | None, uniform_mix: float = 0.0
+                     ) -> tuple[Tensor, Tensor]:
+    """Keeps each pair independently with p_i (see :func:`bernoulli_probabilities`); each kept
+    pair is scaled by 1/p_i. Unbiased; the number kept is random with mean k.
+
+    For 2-d ``weights`` (one row per conv group) every row must return the same count, so
+    shorter rows are padded with scale-0 entries: the padding costs work but adds nothing.
+
+    Returns:
+        ``(indices, scale)`` shaped ``weights.shape[:-1] + (kept,)``.
+    """
+    p = bernoulli_probabilities(weights, k, uniform_mix)
+    u = torch.rand(p.shape, generator=generator, device=p.device, dtype=p.dtype)
+    keep = u < p
+    count = int(keep.sum(-1).max())
+    count = max(count, 1)  # keep shapes valid; a kept-nothing draw gets one zero-scaled pair
+    # Kept pairs first (stable order), then the padding.
+    order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)[..., :count]
+    kept = keep.gather(-1, order)
+    scale = torch.where(kept, 1.0 / p.gather(-1, order).clamp_min(torch.finfo(p.dtype).tiny),
+                        torch.zeros((), dtype=p.dtype, device=p.device))
+    return order, scale
+
+
+def topk_select(weights: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k pairs with the largest weights, unscaled: deterministic and biased."""
+    idx = weights.topk(k, dim=-1, sorted=False).indices
+    return idx, torch.ones(idx.shape, dtype=torch.float32, device=weights.device)
