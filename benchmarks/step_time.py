@@ -41,8 +41,10 @@ def sync(device: torch.device) -> None:
 def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     device = torch.device(args.device)
-    base = build_model(args.model, num_classes=args.num_classes).to(device)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    base = build_model(args.model, num_classes=args.num_classes).to(device, memory_format=memory_format)
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
+    x = x.contiguous(memory_format=memory_format)
     y = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
     variants = {"exact": (base, None)}
     for spec in args.variants:
@@ -82,6 +84,7 @@ def run(args: argparse.Namespace) -> dict:
     return {
         "benchmark": "step_time",
         "model": args.model, "batch_size": args.batch_size, "image_size": args.image_size,
+        "memory_format": "channels_last" if args.channels_last else "contiguous",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "threads": torch.get_num_threads(), "torch": torch.__version__, "date": date.today().isoformat(),
         "steps": args.steps, "warmup": args.warmup, "command": " ".join(sys.argv),
@@ -113,6 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--channels-last", action="store_true", help="model and input in channels-last memory format")
     p.add_argument("--variants", nargs="*", default=DEFAULT_VARIANTS, help="method[:key=value,...], several joined by '+'")
     p.add_argument("--steps", type=int, default=30, help="timed rounds (median over them)")
     p.add_argument("--warmup", type=int, default=5)
@@ -121,7 +125,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     result = run(args)
     reference = json.loads(args.compare.read_text()) if args.compare else None
-    print(f"{result['model']}, batch {result['batch_size']}, {result['device']}, {result['threads']} threads, "
+    print(f"{result['model']}, batch {result['batch_size']}, {result['memory_format']}, {result['device']}, "
+          f"{result['threads']} threads, "
           f"torch {result['torch']}, median of {result['steps']} steps after {result['warmup']} warm-up")
     print(table(result, reference))
     if args.json:
