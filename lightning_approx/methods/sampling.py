@@ -34,6 +34,10 @@ SAMPLE_RATIO = Hyperparameter(low=0.0, high=1.0, low_open=True, high_open=False,
                               fix="give a fraction in (0, 1]; 1.0 computes the exact gradients")
 
 
+GRADS = {"both": frozenset({"grad_input", "grad_weight"}), "weight": frozenset({"grad_weight"}),
+         "input": frozenset({"grad_input"})}
+
+
 def _scale_rows(t: Tensor, scale: Tensor, dim: int) -> Tensor:
     shape = [1] * t.dim()
     shape[dim] = -1
@@ -49,6 +53,9 @@ class CRS(Method):
             channels (input gradient) that are computed; a float or a schedule. 1.0 is exact.
         uniform_mix: Weight of the uniform distribution mixed into the sampling
             probabilities, in [0, 1); bounds the 1/p scale of rarely drawn pairs.
+        grads: Which backward products are sampled: ``"both"``, ``"weight"`` (the input
+            gradient stays exact, so no sampling noise travels down the network) or
+            ``"input"``.
     """
 
     name = "crs"
@@ -56,16 +63,21 @@ class CRS(Method):
     unbiased = True
     hyperparameters = {"sample_ratio": SAMPLE_RATIO}
 
-    def __init__(self, sample_ratio: float | Schedule = 0.5, uniform_mix: float = 0.0) -> None:
+    def __init__(self, sample_ratio: float | Schedule = 0.5, uniform_mix: float = 0.0, grads: str = "both") -> None:
         super().__init__()
         self._set("sample_ratio", sample_ratio)
+        if grads not in GRADS:
+            raise ConfigError(f"{self.name}.grads", grads, "unknown choice of sampled products",
+                              f"use one of {sorted(GRADS)}")
+        self.grads = grads
+        self.stages = GRADS[grads]  # the stages this instance replaces; the rest run exactly
         if isinstance(uniform_mix, bool) or not isinstance(uniform_mix, (int, float)) or not 0 <= uniform_mix < 1:
             raise ConfigError(f"{self.name}.uniform_mix", uniform_mix, "must lie in [0, 1)",
                               "give 0.0 for pure norm-proportional sampling, or e.g. 0.1")
         self.uniform_mix = float(uniform_mix)
 
     def options(self) -> dict:
-        return {"uniform_mix": self.uniform_mix}
+        return {"uniform_mix": self.uniform_mix, "grads": self.grads}
 
     # --- pair selection: the part bernoulli_crs / topk change ----------------------------
     def select(self, weights: Tensor, k: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -156,11 +168,11 @@ class TopK(CRS):
     name = "topk"
     unbiased = False
 
-    def __init__(self, sample_ratio: float | Schedule = 0.5) -> None:
-        super().__init__(sample_ratio=sample_ratio)
+    def __init__(self, sample_ratio: float | Schedule = 0.5, grads: str = "both") -> None:
+        super().__init__(sample_ratio=sample_ratio, grads=grads)
 
     def options(self) -> dict:
-        return {}
+        return {"grads": self.grads}
 
     def select(self, weights: Tensor, k: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         return topk_select(weights, k)
