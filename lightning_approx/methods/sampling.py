@@ -15,6 +15,7 @@ unbiased, and the products run on the gathered, smaller tensors.
 
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING
 
 import torch
@@ -24,6 +25,7 @@ from lightning_approx.errors import ConfigError
 from lightning_approx.methods.base import Hyperparameter, Method
 from lightning_approx.methods.registry import register
 from lightning_approx.ops.conv import conv2d_grad_input, conv2d_grad_weight
+from lightning_approx.ops.norms import plane_sq_norms, sample_norms
 from lightning_approx.ops.sampling import bernoulli_sample, crs_sample, sample_count, topk_select
 from lightning_approx.schedules import Schedule
 
@@ -41,7 +43,15 @@ GRADS = {"both": frozenset({"grad_input", "grad_weight"}), "weight": frozenset({
 def _scale_rows(t: Tensor, scale: Tensor, dim: int) -> Tensor:
     shape = [1] * t.dim()
     shape[dim] = -1
-    return t * scale.to(t.dtype).view(shape)
+    return t.mul_(scale.to(t.dtype).view(shape))  # t is a fresh gather: scale it in place
+
+
+def _gather(t: Tensor, dim: int, idx: Tensor) -> Tensor:
+    """``t.index_select(dim, idx)`` in ``t``'s memory format (oneDNN is slow on mixed formats)."""
+    out = t.index_select(dim, idx)
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out
 
 
 @register
@@ -87,6 +97,14 @@ class CRS(Method):
     def _exact(self) -> bool:
         return self.value("sample_ratio") >= 1.0
 
+    def _plane_sq_norms(self, dy: Tensor) -> Tensor:
+        """(N, C) squared norms of ``dy``, shared by the two products of one backward."""
+        cached = getattr(self, "_norm_cache", None)
+        if cached is None or cached[0]() is not dy or cached[1] != dy._version:
+            cached = (weakref.ref(dy), dy._version, plane_sq_norms(dy))
+            self._norm_cache = cached
+        return cached[2]
+
     # --- Conv2d ------------------------------------------------------------------------
     def conv2d_grad_weight(self, site: LayerSite, x: Tensor, weight: Tensor, dy: Tensor) -> tuple[Tensor, int]:
         geom = site.geometry
@@ -95,10 +113,10 @@ class CRS(Method):
         if self._exact():
             return conv2d_grad_weight(geom, x, weight, dy), macs
         k = sample_count(self.value("sample_ratio"), n)
-        norms = torch.linalg.vector_norm(x, dim=(1, 2, 3)) * torch.linalg.vector_norm(dy, dim=(1, 2, 3))
+        norms = sample_norms(x) * self._plane_sq_norms(dy).sum(1).sqrt()
         idx, scale = self.select(norms, k, site.generator(x.device))
-        dy_k = _scale_rows(dy.index_select(0, idx), scale, 0)
-        grad = conv2d_grad_weight(geom, x.index_select(0, idx), weight, dy_k)
+        dy_k = _scale_rows(_gather(dy, 0, idx), scale, 0)
+        grad = conv2d_grad_weight(geom, _gather(x, 0, idx), weight, dy_k)
         return grad, macs * idx.numel() // n
 
     def conv2d_grad_input(self, site: LayerSite, x: Tensor, weight: Tensor, dy: Tensor) -> tuple[Tensor, int]:
@@ -110,11 +128,12 @@ class CRS(Method):
         per_group = cout // groups
         k = sample_count(self.value("sample_ratio"), per_group)
         # Grouped convs keep their structure: the same number of channels from every group.
-        norms = torch.linalg.vector_norm(weight, dim=(1, 2, 3)) * torch.linalg.vector_norm(dy, dim=(0, 2, 3))
+        norms = sample_norms(weight) * self._plane_sq_norms(dy).sum(0).sqrt()
         idx, scale = self.select(norms.view(groups, per_group), k, site.generator(x.device))
         idx = (idx + torch.arange(groups, device=idx.device).unsqueeze(1) * per_group).flatten()
-        dy_k = _scale_rows(dy.index_select(1, idx), scale.flatten(), 1)
-        grad = conv2d_grad_input(geom, x, weight.index_select(0, idx), dy_k)
+        # conv_t(s_c dy_c, W_c) = conv_t(dy_c, s_c W_c): scale the small weight, not dy.
+        weight_k = _scale_rows(_gather(weight, 0, idx), scale.flatten(), 0)
+        grad = conv2d_grad_input(geom, x, weight_k, _gather(dy, 1, idx))
         return grad, macs * idx.numel() // cout
 
     # --- Linear (x: (N, in), dy: (N, out)) ------------------------------------------------
@@ -137,8 +156,8 @@ class CRS(Method):
         k = sample_count(self.value("sample_ratio"), out)
         norms = torch.linalg.vector_norm(weight, dim=1) * torch.linalg.vector_norm(dy, dim=0)
         idx, scale = self.select(norms, k, site.generator(x.device))
-        dy_k = _scale_rows(dy.index_select(1, idx), scale, 1)
-        return dy_k.mm(weight.index_select(0, idx)), macs * idx.numel() // out
+        weight_k = _scale_rows(weight.index_select(0, idx), scale, 0)
+        return dy.index_select(1, idx).mm(weight_k), macs * idx.numel() // out
 
 
 @register
