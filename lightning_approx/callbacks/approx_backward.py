@@ -30,6 +30,9 @@ class ApproxBackward(Callback):
     - ``approx/<method>.<setting>``: the current value of each scheduled setting;
     - ``approx/backward_work``: backward multiply-accumulates computed over exact, all layers;
     - ``approx/work/<layer>``: the same per layer (when ``log_per_layer``);
+    - ``approx/zero_work``: the part of the exact backward MACs known to multiply zeros
+      (``relu_mask``, ``grad_prune``), whether or not it was skipped;
+    - ``approx/<method>.<metric>``: what a method measured, e.g. realized sparsity;
     - ``approx/step_time``: seconds from batch start to batch end.
 
     Args:
@@ -120,6 +123,8 @@ class ApproxBackward(Callback):
         self.pipeline.update(self._progress)
         for site in patched_sites(pl_module):
             site.work.reset()
+        for method in self.pipeline.methods:
+            method.reset_metrics()
         self._sync(pl_module)
         self._t0 = time.perf_counter()
 
@@ -136,8 +141,11 @@ class ApproxBackward(Callback):
                 metrics[f"approx/work/{site.name}"] = site.work.fraction
         self.totals.add(step.exact, step.computed, step.zero)
         metrics["approx/backward_work"] = step.fraction
+        metrics["approx/zero_work"] = step.zero / step.exact if step.exact else 0.0
         metrics["approx/step_time"] = step_time
         metrics.update({f"approx/{k}": v for k, v in self.pipeline.values().items()})
+        for method in self.pipeline.methods:
+            metrics.update({f"approx/{method.name}.{k}": v for k, v in method.metrics().items()})
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
 
     def _sync(self, pl_module: pl.LightningModule) -> None:

@@ -92,6 +92,14 @@ class Method:
         checks = [(f, s.exact_at) for f, s in self.hyperparameters.items() if s.exact_at is not None]
         return bool(checks) and all(math.isclose(self._values[f], v) for f, v in checks)
 
+    def metrics(self) -> dict[str, float]:
+        """What the method measured since :meth:`reset_metrics` (e.g. realized sparsity),
+        logged by the callback as ``approx/<name>.<key>``. Override to report something."""
+        return {}
+
+    def reset_metrics(self) -> None:
+        """Starts a new measurement window (called at every training batch start)."""
+
     def options(self) -> dict[str, Any]:
         """Non-schedulable settings, for :meth:`to_config` (override when there are any)."""
         return {}
