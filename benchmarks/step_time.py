@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--channels-last", action="store_true", help="model and input in channels-last memory format")
-    p.add_argument("--variants", nargs="*", default=DEFAULT_VARIANTS, help="method[:key=value,...], several joined by '+'")
+    p.add_argument("--variants", nargs="*", default=DEFAULT_VARIANTS,
+                   help="method[:key=value,...], several joined by '+'")
     p.add_argument("--steps", type=int, default=30, help="timed rounds (median over them)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--json", type=Path, help="write the result here")

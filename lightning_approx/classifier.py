@@ -36,7 +36,8 @@ class ImageClassifier(pl.LightningModule):
         from lightning_approx.models import build_model
 
         if lr_schedule not in LR_SCHEDULES:
-            raise ConfigError("lr_schedule", lr_schedule, "unknown learning-rate schedule", f"use one of {LR_SCHEDULES}")
+            raise ConfigError("lr_schedule", lr_schedule, "unknown learning-rate schedule",
+                              f"use one of {LR_SCHEDULES}")
         if not lr > 0:
             raise ConfigError("lr", lr, "must be positive", "give e.g. 0.1")
         self.save_hyperparameters()

@@ -11,6 +11,7 @@ class back.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -61,9 +62,13 @@ class LayerSite:
 
 
 class _Conv2dFunction(torch.autograd.Function):
+    # ``mask_context``: what the pipeline's input_mask method learnt about x at forward time
+    # (``Pipeline.input_context``), e.g. whether x is a ReLU output; ``None`` without one.
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, site: LayerSite) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, site: LayerSite,
+                mask_context: Any = None) -> Tensor:
         ctx.site = site
+        ctx.mask_context = mask_context
         ctx.save_for_backward(x, weight)
         return site.geometry.forward(x, weight, bias)
 
@@ -71,14 +76,18 @@ class _Conv2dFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dy: Tensor):
         x, weight = ctx.saved_tensors
-        grads = ctx.site.pipeline.conv2d_backward(ctx.site, x, weight, dy.contiguous(), ctx.needs_input_grad[:3])
-        return (*grads, None)
+        site = ctx.site
+        grads = site.pipeline.conv2d_backward(site, x, weight, dy.contiguous(), ctx.needs_input_grad[:3],
+                                              ctx.mask_context)
+        return (*grads, None, None)
 
 
 class _LinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, site: LayerSite) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, site: LayerSite,
+                mask_context: Any = None) -> Tensor:
         ctx.site = site
+        ctx.mask_context = mask_context
         ctx.save_for_backward(x, weight)
         return F.linear(x, weight, bias)
 
@@ -88,8 +97,9 @@ class _LinearFunction(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         x2 = x.reshape(-1, x.shape[-1])
         dy2 = dy.reshape(-1, dy.shape[-1])
-        gx, gw, gb = ctx.site.pipeline.linear_backward(ctx.site, x2, weight, dy2, ctx.needs_input_grad[:3])
-        return (gx.view(x.shape) if gx is not None else None), gw, gb, None
+        gx, gw, gb = ctx.site.pipeline.linear_backward(ctx.site, x2, weight, dy2, ctx.needs_input_grad[:3],
+                                                       ctx.mask_context)
+        return (gx.view(x.shape) if gx is not None else None), gw, gb, None, None
 
 
 def _count_exact(site: LayerSite, macs: int, x: Tensor, weight: Tensor) -> None:
@@ -116,10 +126,13 @@ class ApproxConv2d(nn.Conv2d):
             y = super().forward(x)
             _count_exact(site, site.geometry.macs(x.shape, self.weight, y.shape), x, self.weight)
             return y
+        # Read before prepare_input: its explicit padding would hide where x came from. The
+        # padding keeps the zero pattern (zeros or copies of x), so the context stays valid.
+        mask_context = pipeline.input_context(site, x)
         x = site.geometry.prepare_input(x)
         if pipeline.forward_method is not None:
             return pipeline.forward_method.conv2d_forward(site, x, self.weight, self.bias)
-        return _Conv2dFunction.apply(x, self.weight, self.bias, site)
+        return _Conv2dFunction.apply(x, self.weight, self.bias, site, mask_context)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, approx={self.approx_site.pipeline!r}"
@@ -140,7 +153,7 @@ class ApproxLinear(nn.Linear):
             return super().forward(x)
         if pipeline.forward_method is not None:
             return pipeline.forward_method.linear_forward(site, x, self.weight, self.bias)
-        return _LinearFunction.apply(x, self.weight, self.bias, site)
+        return _LinearFunction.apply(x, self.weight, self.bias, site, pipeline.input_context(site, x))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, approx={self.approx_site.pipeline!r}"

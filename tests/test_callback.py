@@ -70,7 +70,8 @@ def trainer_metrics(tmp_path) -> dict[str, list[float]]:
     import csv
 
     (path,) = tmp_path.glob("lightning_logs/version_*/metrics.csv")
-    rows = list(csv.DictReader(open(path)))
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
     out: dict[str, list[float]] = {}
     for row in rows:
         for k, v in row.items():

@@ -1,8 +1,23 @@
 """The approximation methods, one family per module, and the registry that builds them."""
 
 from lightning_approx.methods.base import Method
+from lightning_approx.methods.forward_sampling import ForwardSampling
 from lightning_approx.methods.pipeline import Pipeline
 from lightning_approx.methods.registry import METHODS, build_method, parse_spec, register, spec_label
+from lightning_approx.methods.relu_mask import ReluMask
 from lightning_approx.methods.sampling import CRS, BernoulliCRS, TopK
 
-__all__ = ["CRS", "BernoulliCRS", "TopK", "METHODS", "Method", "Pipeline", "build_method", "parse_spec", "register", "spec_label"]
+__all__ = [
+    "CRS",
+    "METHODS",
+    "BernoulliCRS",
+    "ForwardSampling",
+    "Method",
+    "Pipeline",
+    "ReluMask",
+    "TopK",
+    "build_method",
+    "parse_spec",
+    "register",
+    "spec_label",
+]

@@ -25,7 +25,7 @@ from lightning_approx.schedules import Progress, Schedule, as_schedule, check_ra
 if TYPE_CHECKING:
     from lightning_approx.layers import LayerSite
 
-STAGES = ("forward", "grad_output", "grad_input", "grad_weight")
+STAGES = ("forward", "grad_output", "input_mask", "grad_input", "grad_weight")
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
@@ -13,6 +14,12 @@ from lightning_approx.schedules import Progress
 
 if TYPE_CHECKING:
     from lightning_approx.layers import LayerSite
+    from lightning_approx.ops.mask import LiveSlices
+
+# A modifier stage: the method claiming it says which slices of the layer input are live, and
+# the pipeline runs the grad_input / grad_weight stages on those slices only (relu_mask).
+INPUT_MASK = "input_mask"
+
 
 
 class Pipeline:
@@ -21,9 +28,15 @@ class Pipeline:
     Args:
         methods: The methods; each stage may be claimed by at most one of them.
 
+    Stages run in this order in a layer's backward: ``grad_output`` (transform dy), then
+    ``input_mask`` (restrict x, W and dy to the live slices of x), then ``grad_input`` and
+    ``grad_weight`` on the restricted tensors. A method claiming ``forward`` replaces the
+    whole op and composes with nothing.
+
     Raises:
         ConfigError: Two methods claim the same stage (for example ``crs`` and
-            ``bernoulli_crs`` both estimate the weight gradient), or the list is empty.
+            ``bernoulli_crs`` both estimate the weight gradient), a ``forward`` method is
+            combined with any other method, or the list is empty.
     """
 
     def __init__(self, methods: list[Method]) -> None:
@@ -41,6 +54,18 @@ class Pipeline:
                         "be combined", "keep one of them, or combine methods that replace different stages "
                         f"(stages: {', '.join(STAGES)})")
                 self.by_stage[stage] = method
+        forward = self.by_stage.get("forward")
+        others = [m for m in self.methods if m is not forward]
+        if forward is not None and others:
+            # The forward method runs its own (smaller) op and autograd differentiates that op,
+            # so the backward stages of any other method would silently never run.
+            replaced = ", ".join(f"{m.name!r} ({'/'.join(sorted(m.stages))})" for m in others)
+            raise ConfigError(
+                "method", [m.name for m in self.methods],
+                f"{forward.name!r} replaces the whole training op of each layer (its backward is autograd's "
+                f"on the sampled op), so {replaced} would never run",
+                f"use {forward.name!r} alone, or drop it and combine methods that change the backward only "
+                "(e.g. relu_mask + crs)")
 
     def update(self, progress: Progress) -> None:
         for method in self.methods:
@@ -66,14 +91,41 @@ class Pipeline:
         return f"Pipeline({self.methods!r})"
 
     # --- backward ------------------------------------------------------------------------
+    # Stage order: the grad_output transform (e.g. grad_prune) first, so the bias gradient and
+    # both products see the transformed dy; then the input mask (relu_mask) restricts x, W and
+    # dy to the live slices; then the grad_input / grad_weight estimators (exact where no method
+    # claims them) run on the restricted tensors, and the mask scatters their results back.
+    def input_context(self, site: LayerSite, x: Tensor) -> Any:
+        """What the ``input_mask`` method needs to know about ``x`` at forward time (whether it
+        is a ReLU output: ``x.grad_fn`` says so only there); ``None`` without such a method."""
+        masker = self.by_stage.get(INPUT_MASK)
+        return None if masker is None else masker.input_context(site, x)
+
     def conv2d_backward(self, site: LayerSite, x: Tensor, weight: Tensor, dy: Tensor,
-                        needs: tuple[bool, bool, bool]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+                        needs: tuple[bool, bool, bool], mask_context: Any = None
+                        ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """The three gradients of a conv; ``mask_context`` comes from :meth:`input_context`."""
         need_x, need_w, need_b = needs
         macs = site.geometry.macs(x.shape, weight, dy.shape)
         pruner = self.by_stage.get("grad_output")
         if pruner is not None:
             dy = pruner.conv2d_grad_output(site, dy)
-        grad_x = grad_w = grad_b = None
+        grad_b = dy.sum((0, 2, 3)) if need_b else None  # cheap: always exact
+        masker = self.by_stage.get(INPUT_MASK)
+        parts = need_x + need_w
+        live = masker.conv2d_live(site, x, weight, mask_context) if masker is not None and parts else None
+
+        def products(x: Tensor, weight: Tensor, dy: Tensor) -> tuple[Tensor | None, Tensor | None, int]:
+            return self._conv2d_products(site, x, weight, dy, need_x, need_w)
+
+        grad_x, grad_w, computed = _on_live(live, x, weight, dy, need_x, need_w, products)
+        site.work.add(exact=macs * parts, computed=computed, zero=_zero_macs(live, macs) * parts)
+        return grad_x, grad_w, grad_b
+
+    def _conv2d_products(self, site: LayerSite, x: Tensor, weight: Tensor, dy: Tensor, need_x: bool,
+                         need_w: bool) -> tuple[Tensor | None, Tensor | None, int]:
+        macs = site.geometry.macs(x.shape, weight, dy.shape)  # of the (possibly restricted) tensors
+        grad_x = grad_w = None
         computed = 0
         if need_x:
             method = self.by_stage.get("grad_input")
@@ -89,20 +141,33 @@ class Pipeline:
             else:
                 grad_w, done = method.conv2d_grad_weight(site, x, weight, dy)
             computed += done
-        if need_b:
-            grad_b = dy.sum((0, 2, 3))  # cheap: always exact
-        site.work.add(exact=macs * (need_x + need_w), computed=computed)
-        return grad_x, grad_w, grad_b
+        return grad_x, grad_w, computed
 
     def linear_backward(self, site: LayerSite, x: Tensor, weight: Tensor, dy: Tensor,
-                        needs: tuple[bool, bool, bool]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+                        needs: tuple[bool, bool, bool], mask_context: Any = None
+                        ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         """``x``: (N, in) and ``dy``: (N, out), leading dimensions already flattened."""
         need_x, need_w, need_b = needs
         macs = x.shape[0] * weight.shape[0] * weight.shape[1]
         pruner = self.by_stage.get("grad_output")
         if pruner is not None:
             dy = pruner.linear_grad_output(site, dy)
-        grad_x = grad_w = grad_b = None
+        grad_b = dy.sum(0) if need_b else None
+        masker = self.by_stage.get(INPUT_MASK)
+        parts = need_x + need_w
+        live = masker.linear_live(site, x, weight, mask_context) if masker is not None and parts else None
+
+        def products(x: Tensor, weight: Tensor, dy: Tensor) -> tuple[Tensor | None, Tensor | None, int]:
+            return self._linear_products(site, x, weight, dy, need_x, need_w)
+
+        grad_x, grad_w, computed = _on_live(live, x, weight, dy, need_x, need_w, products)
+        site.work.add(exact=macs * parts, computed=computed, zero=_zero_macs(live, macs) * parts)
+        return grad_x, grad_w, grad_b
+
+    def _linear_products(self, site: LayerSite, x: Tensor, weight: Tensor, dy: Tensor, need_x: bool,
+                         need_w: bool) -> tuple[Tensor | None, Tensor | None, int]:
+        macs = x.shape[0] * weight.shape[0] * weight.shape[1]
+        grad_x = grad_w = None
         computed = 0
         if need_x:
             method = self.by_stage.get("grad_input")
@@ -118,7 +183,37 @@ class Pipeline:
             else:
                 grad_w, done = method.linear_grad_weight(site, x, weight, dy)
             computed += done
-        if need_b:
-            grad_b = dy.sum(0)
-        site.work.add(exact=macs * (need_x + need_w), computed=computed)
-        return grad_x, grad_w, grad_b
+        return grad_x, grad_w, computed
+
+
+_Products = Callable[[Tensor, Tensor, Tensor], tuple[Tensor | None, Tensor | None, int]]
+
+
+def _on_live(live: LiveSlices | None, x: Tensor, weight: Tensor, dy: Tensor, need_x: bool, need_w: bool,
+             products: _Products) -> tuple[Tensor | None, Tensor | None, int]:
+    """Runs ``products`` on the live slices of ``x`` (and the matching weight columns and dy
+    rows) and scatters the gradients back; on the full tensors when nothing is skipped."""
+    if live is None or not live.restricts:
+        return products(x, weight, dy)
+    if live.empty:  # the input is zero everywhere: both gradients are zero, nothing to run
+        grad_x = x.new_zeros(x.shape) if need_x else None
+        grad_w = weight.new_zeros(weight.shape) if need_w else None
+        return grad_x, grad_w, 0
+    grad_x, grad_w, computed = products(live.restrict_input(x), live.restrict_weight(weight),
+                                        live.restrict_grad_output(dy))
+    if grad_x is not None:
+        grad_x = live.expand_input(grad_x, x.shape)
+    if grad_w is not None:
+        grad_w = live.expand_weight(grad_w, weight.shape)
+    return grad_x, grad_w, computed
+
+
+def _zero_macs(live: LiveSlices | None, macs: int) -> int:
+    """MACs of one backward product that are zero by construction (element level).
+
+    Every entry of x takes part in about the same number of MACs of either product (exactly
+    for 1x1 stride-1 convs and Linear, up to border effects otherwise), so the zero entries'
+    share of x is their share of the MACs: multiplications by zero in the weight gradient,
+    and input-gradient entries the ReLU discards.
+    """
+    return 0 if live is None else round(macs * live.zero_fraction)

@@ -16,7 +16,7 @@ unbiased, and the products run on the gathered, smaller tensors.
 from __future__ import annotations
 
 import weakref
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import Tensor
@@ -71,7 +71,7 @@ class CRS(Method):
     name = "crs"
     stages = frozenset({"grad_input", "grad_weight"})
     unbiased = True
-    hyperparameters = {"sample_ratio": SAMPLE_RATIO}
+    hyperparameters: ClassVar[dict[str, Hyperparameter]] = {"sample_ratio": SAMPLE_RATIO}
 
     def __init__(self, sample_ratio: float | Schedule = 0.5, uniform_mix: float = 0.0, grads: str = "both") -> None:
         super().__init__()

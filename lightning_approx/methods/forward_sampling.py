@@ -1,0 +1,168 @@
+"""``forward_sampling``: run the training forward itself on a sample of the input channels.
+
+Adelman et al., *Faster Neural Network Training with Approximate Tensor Operations*
+(NeurIPS 2021), in the mode that worked best for them: the convolution (or matrix product)
+of the training forward is approximated by column-row sampling over its inner dimension,
+the input channels (Linear: input features),
+
+    y = conv(x[:, S] * s, W[:, S]) + b,      |S| = k = ceil(r * C_in / groups) per group,
+
+ranked by ``score_c = ||W[:, c]|| * ||x[:, c]||`` (the weight norm over output channels and
+kernel, the activation norm over batch and space). Autograd differentiates the sampled op,
+so the backward shrinks by the same factor k / C_in: both of its products run on the k
+gathered channels, and only those channels get gradients (the others get zero).
+
+Selection (option ``selection``):
+
+- ``"topk"`` (default, the paper's best): the k highest scores, unscaled (s = 1);
+  deterministic and biased (the dropped channels' contribution is missing);
+- ``"crs"``: k draws with replacement, p_c ∝ score_c, s = 1 / (k p_c): the layer's output is
+  an unbiased estimate of the exact output. Gradients through a network are still biased
+  (downstream non-linearities see a noisy input), so the class says ``unbiased = False``.
+
+Evaluation is exact (the layer routes ``eval()`` / ``no_grad`` to the plain forward), and
+``sample_ratio = 1.0`` runs the plain op.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lightning_approx.errors import ConfigError
+from lightning_approx.methods.base import Hyperparameter, Method
+from lightning_approx.methods.registry import register
+from lightning_approx.methods.sampling import SAMPLE_RATIO
+from lightning_approx.ops.norms import plane_sq_norms
+from lightning_approx.ops.sampling import crs_sample, sample_count, topk_select
+from lightning_approx.schedules import Schedule
+
+if TYPE_CHECKING:
+    from lightning_approx.layers import LayerSite
+
+SELECTIONS = ("topk", "crs")
+
+
+@register
+class ForwardSampling(Method):
+    """Column-row sampling of the training forward over the input channels (Adelman et al.).
+
+    Args:
+        sample_ratio: Fraction r of the input channels of each group (Linear: input
+            features) the forward and backward run on; a float in (0, 1] or a schedule.
+            1.0 is exact.
+        selection: ``"topk"`` (the k largest scores, unscaled; deterministic, biased) or
+            ``"crs"`` (k draws with replacement, p ∝ score, scaled by 1/(k p): an unbiased
+            forward output).
+
+    Work is counted when the backward runs (a gradient hook on the layer output): the
+    exact backward MACs of the full layer against those of the sampled op, whose two
+    products shrink by k / C_in. A forward whose output never gets a gradient counts nothing.
+    """
+
+    name = "forward_sampling"
+    stages = frozenset({"forward"})
+    unbiased = False
+    hyperparameters: ClassVar[dict[str, Hyperparameter]] = {"sample_ratio": SAMPLE_RATIO}
+
+    def __init__(self, sample_ratio: float | Schedule = 0.5, selection: str = "topk") -> None:
+        super().__init__()
+        self._set("sample_ratio", sample_ratio)
+        if selection not in SELECTIONS:
+            raise ConfigError(f"{self.name}.selection", selection, "unknown selection",
+                              f"use one of {list(SELECTIONS)} ('topk': the paper's best; 'crs': unbiased)")
+        self.selection = selection
+
+    def options(self) -> dict:
+        return {"selection": self.selection}
+
+    # --- selection ------------------------------------------------------------------------
+    def select(self, scores: Tensor, k: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """k channels per row of ``scores`` (one row per group): ``(indices, scale)``."""
+        if self.selection == "crs":
+            return crs_sample(scores, k, generator)
+        return topk_select(scores, k)
+
+    def _k(self, channels: int) -> int:
+        return sample_count(self.value("sample_ratio"), channels)
+
+    # --- Conv2d ------------------------------------------------------------------------
+    def conv2d_forward(self, site: LayerSite, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """The training forward of a conv on k sampled input channels per group.
+
+        Args:
+            site: The layer.
+            x: The input, already pre-padded (``ConvGeometry.prepare_input``).
+            weight: ``(C_out, C_in / groups, kh, kw)``.
+            bias: ``(C_out,)`` or ``None``.
+        """
+        geom = site.geometry
+        groups = geom.groups
+        cout, cin_g, kh, kw = weight.shape
+        k = self._k(cin_g)
+        if k >= cin_g:  # nothing to save: the exact op costs the same and has no variance
+            y = geom.forward(x, weight, bias)
+            self._count_on_backward(site, y, x, weight, macs=geom.macs(x.shape, weight, y.shape), kept=1.0)
+            return y
+        cout_g = cout // groups
+        with torch.no_grad():
+            # Scores of each input channel within its group: ||W[:, c]|| over the group's output
+            # channels and the kernel, times ||x[:, c]|| over batch and space. Reduced from
+            # per-plane squared norms: one contiguous pass each (a multi-dim vector_norm over
+            # NCHW is far slower on CPU, see ops/norms.py).
+            w_sq = plane_sq_norms(weight.detach()).view(groups, cout_g, cin_g).sum(1)
+            x_sq = plane_sq_norms(x.detach()).sum(0).view(groups, cin_g)
+            idx, scale = self.select((w_sq * x_sq).sqrt(), k, site.generator(x.device))  # (groups, k) each
+        channels = (idx + torch.arange(groups, device=idx.device).unsqueeze(1) * cin_g).flatten()
+        x_k = x.index_select(1, channels)
+        w_k = weight.reshape(groups, cout_g, cin_g, kh, kw).gather(
+            2, idx.view(groups, 1, k, 1, 1).expand(groups, cout_g, k, kh, kw))
+        if self.selection != "topk":
+            # Scale the weight, not x: it is the smaller tensor for every conv past the stem.
+            w_k = w_k * scale.to(weight.dtype).view(groups, 1, k, 1, 1)
+        w_k = w_k.reshape(cout, k, kh, kw)
+        y = geom.forward(x_k, w_k, bias)
+        self._count_on_backward(site, y, x, weight, macs=geom.macs(x.shape, weight, y.shape), kept=k / cin_g)
+        return y
+
+    # --- Linear ----------------------------------------------------------------------------
+    def linear_forward(self, site: LayerSite, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """The training forward of a Linear on k sampled input features (``x``: ``(..., in)``)."""
+        fan_in = weight.shape[1]
+        macs = x.numel() // x.shape[-1] * weight.numel()
+        k = self._k(fan_in)
+        if k >= fan_in:
+            y = F.linear(x, weight, bias)
+            self._count_on_backward(site, y, x, weight, macs=macs, kept=1.0)
+            return y
+        with torch.no_grad():
+            acc = torch.promote_types(x.dtype, torch.float32)  # half-precision sums lose small features
+            x_sq = x.detach().reshape(-1, fan_in).to(acc).square().sum(0)
+            w_sq = weight.detach().to(acc).square().sum(0)
+            idx, scale = self.select((w_sq * x_sq).sqrt(), k, site.generator(x.device))
+        w_k = weight.index_select(1, idx)
+        if self.selection != "topk":
+            w_k = w_k * scale.to(weight.dtype)
+        y = F.linear(x.index_select(-1, idx), w_k, bias)
+        self._count_on_backward(site, y, x, weight, macs=macs, kept=k / fan_in)
+        return y
+
+    # --- accounting ------------------------------------------------------------------------
+    @staticmethod
+    def _count_on_backward(site: LayerSite, y: Tensor, x: Tensor, weight: Tensor, macs: int,
+                           kept: float) -> None:
+        """Adds the backward's exact and computed MACs to ``site.work`` when the backward
+        reaches ``y`` (a gradient hook), so a forward that is never differentiated counts
+        nothing. Which products run is known now: dx if x needs a gradient, dW if W does."""
+        parts = int(x.requires_grad) + int(weight.requires_grad)
+        if not (parts and y.requires_grad):
+            return
+        exact, computed = macs * parts, round(macs * kept) * parts
+
+        def count(grad: Tensor) -> None:
+            site.work.add(exact=exact, computed=computed)
+
+        y.register_hook(count)
