@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-import cifar10  # noqa: E402  (the example is the training recipe measured here)
+import cifar10
 
-from lightning_approx.summary import RunResult  # noqa: E402
+from lightning_approx.summary import RunResult
 
 
 def summarise(results: dict[str, list[RunResult]]) -> list[dict]:

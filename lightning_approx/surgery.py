@@ -25,7 +25,7 @@ def make_pipeline(method: str | Method | Mapping | Sequence | Pipeline, **hyperp
             raise ConfigError("method", method, f"settings {sorted(hyperparameters)} were given next to a Pipeline",
                               "set them on the methods inside it")
         return method
-    if isinstance(method, Sequence) and not isinstance(method, str) or _is_list_config(method):
+    if (isinstance(method, Sequence) and not isinstance(method, str)) or _is_list_config(method):
         if hyperparameters:
             raise ConfigError("method", method, f"settings {sorted(hyperparameters)} are ambiguous with several "
                               "methods", "set them inside each method's entry")
