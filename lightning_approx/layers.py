@@ -34,6 +34,10 @@ class LayerSite:
         geometry: Conv hyperparameters (``None`` for Linear).
         seed: Base seed of the random streams.
         work: Backward MACs since the last reset.
+        probe: When set, the next backward also computes the exact gradients and records
+            their :attr:`fidelity` (costs one exact backward of this layer).
+        fidelity: ``{"weight.cos", "weight.rel_err", "input.cos", "input.rel_err"}`` of the
+            last probed backward.
     """
 
     name: str
@@ -42,6 +46,8 @@ class LayerSite:
     geometry: ConvGeometry | None
     seed: int
     work: WorkCounter = field(default_factory=WorkCounter)
+    probe: bool = False
+    fidelity: dict[str, float] = field(default_factory=dict)
     _generators: dict[torch.device, torch.Generator] = field(default_factory=dict, repr=False)
 
     def generator(self, device: torch.device) -> torch.Generator:

@@ -157,3 +157,30 @@ def test_bad_configuration_fails_at_construction(kwargs, field):
 def test_exclude_pattern_matching_nothing_fails_at_setup(tmp_path):
     with pytest.raises(ConfigError, match=r"exclude\[0\]"):
         trainer(tmp_path, [ApproxBackward("crs", exclude=["missing.*"])], max_epochs=1).fit(TinyCNN(), loader())
+
+
+def test_gradient_fidelity_is_logged_on_probe_steps(tmp_path):
+    cb = ApproxBackward("crs", sample_ratio=0.5, fidelity_every_n_steps=2)
+    trainer(tmp_path, [cb], max_epochs=1).fit(TinyCNN(), loader())
+    metrics = trainer_metrics(tmp_path)
+    cos = metrics["approx/fidelity/weight.cos"]
+    assert len(cos) == 2  # steps 0 and 2 of 4
+    assert all(0 < c < 1 for c in cos)
+    assert all(e > 0 for e in metrics["approx/fidelity/input.rel_err"])
+    assert metrics["approx/fidelity/conv/weight.cos"] == cos
+
+
+def test_gradient_fidelity_is_one_at_the_exact_setting():
+    from lightning_approx.methods import CRS, Pipeline
+    from lightning_approx.surgery import approximate, patched_sites
+
+    class Through(Pipeline):
+        is_exact = False
+
+    layer = nn.Conv2d(4, 6, 3)
+    approximate(layer, Through([CRS(sample_ratio=1.0)]), exclude=None)
+    site = patched_sites(layer)[0]
+    site.probe = True
+    layer(torch.randn(3, 4, 6, 6, requires_grad=True)).sum().backward()
+    assert site.fidelity["weight.cos"] == pytest.approx(1.0) and site.fidelity["weight.rel_err"] < 1e-6
+    assert site.fidelity["input.cos"] == pytest.approx(1.0) and not site.probe

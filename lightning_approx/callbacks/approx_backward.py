@@ -33,7 +33,13 @@ class ApproxBackward(Callback):
     - ``approx/zero_work``: the part of the exact backward MACs known to multiply zeros
       (``relu_mask``, ``grad_prune``), whether or not it was skipped;
     - ``approx/<method>.<metric>``: what a method measured, e.g. realized sparsity;
-    - ``approx/step_time``: seconds from batch start to batch end.
+    - ``approx/step_time``: seconds from batch start to batch end;
+    - every ``fidelity_every_n_steps`` steps, ``approx/fidelity/<input|weight>.<cos|rel_err>``:
+      cosine similarity and relative error of each layer's approximate gradients against the
+      exact ones for the same incoming gradient, averaged over layers (per layer under
+      ``approx/fidelity/<layer>/...`` when ``log_per_layer``). Costs one exact backward of
+      every patched layer on those steps; layers whose forward is replaced
+      (``forward_sampling``) are not probed.
 
     Args:
         method: A method name (``"crs"``), a :class:`~lightning_approx.methods.Method`, a list
@@ -46,6 +52,7 @@ class ApproxBackward(Callback):
         log_per_layer: Also log each layer's backward work.
         sync_cuda: Synchronize CUDA before reading the step time (otherwise it measures
             launch time only).
+        fidelity_every_n_steps: Measure gradient fidelity every N steps (0: never).
 
     Example::
 
@@ -60,6 +67,7 @@ class ApproxBackward(Callback):
         seed: int = 0,
         log_per_layer: bool = True,
         sync_cuda: bool = True,
+        fidelity_every_n_steps: int = 0,
     ) -> None:
         super().__init__()
         hyperparameters = {} if sample_ratio is None else {"sample_ratio": sample_ratio}
@@ -68,6 +76,11 @@ class ApproxBackward(Callback):
         self.seed = int(seed)
         self.log_per_layer = log_per_layer
         self.sync_cuda = sync_cuda
+        if isinstance(fidelity_every_n_steps, bool) or not isinstance(fidelity_every_n_steps, int) \
+                or fidelity_every_n_steps < 0:
+            raise ConfigError("fidelity_every_n_steps", fidelity_every_n_steps, "must be a whole number >= 0",
+                              "give 0 to turn it off, or e.g. 50")
+        self.fidelity_every_n_steps = fidelity_every_n_steps
         self.layer_names: list[str] = []
         self.totals = WorkCounter()  # whole fit, for summaries
         self._pending_rng: dict[str, Any] | None = None
@@ -121,8 +134,11 @@ class ApproxBackward(Callback):
                              batch_idx: int) -> None:
         self._progress = self.progress(trainer, batch_idx)
         self.pipeline.update(self._progress)
+        probe = self.fidelity_every_n_steps > 0 and trainer.global_step % self.fidelity_every_n_steps == 0
         for site in patched_sites(pl_module):
             site.work.reset()
+            site.probe = probe
+            site.fidelity = {}
         for method in self.pipeline.methods:
             method.reset_metrics()
         self._sync(pl_module)
@@ -147,6 +163,25 @@ class ApproxBackward(Callback):
         for method in self.pipeline.methods:
             metrics.update({f"approx/{method.name}.{k}": v for k, v in method.metrics().items()})
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
+        fidelity = self._fidelity_metrics(patched_sites(pl_module))
+        if fidelity:
+            # Straight to the loggers: through log_dict a metric logged on some steps only would
+            # be repeated with its stale value on the others.
+            for logger in trainer.loggers:
+                logger.log_metrics(fidelity, step=trainer.global_step - 1)
+
+    def _fidelity_metrics(self, sites: list) -> dict[str, float]:
+        probed = [site for site in sites if site.fidelity]
+        metrics: dict[str, float] = {}
+        for key in sorted({k for site in probed for k in site.fidelity}):
+            values = [site.fidelity[key] for site in probed if key in site.fidelity]
+            metrics[f"approx/fidelity/{key}"] = sum(values) / len(values)
+            if self.log_per_layer:
+                metrics.update({f"approx/fidelity/{s.name}/{key}": s.fidelity[key]
+                                for s in probed if key in s.fidelity})
+        for site in sites:
+            site.probe = False
+        return metrics
 
     def _sync(self, pl_module: pl.LightningModule) -> None:
         if self.sync_cuda and pl_module.device.type == "cuda":

@@ -10,6 +10,7 @@ from torch import Tensor
 from lightning_approx.errors import ConfigError
 from lightning_approx.methods.base import STAGES, Method
 from lightning_approx.ops.conv import conv2d_grad_input, conv2d_grad_weight
+from lightning_approx.ops.fidelity import fidelity
 from lightning_approx.schedules import Progress
 
 if TYPE_CHECKING:
@@ -107,6 +108,7 @@ class Pipeline:
         """The three gradients of a conv; ``mask_context`` comes from :meth:`input_context`."""
         need_x, need_w, need_b = needs
         macs = site.geometry.macs(x.shape, weight, dy.shape)
+        dy_exact = dy
         pruner = self.by_stage.get("grad_output")
         if pruner is not None:
             dy = pruner.conv2d_grad_output(site, dy)
@@ -120,6 +122,10 @@ class Pipeline:
 
         grad_x, grad_w, computed = _on_live(live, x, weight, dy, need_x, need_w, products)
         site.work.add(exact=macs * parts, computed=computed, zero=_zero_macs(live, macs) * parts)
+        if site.probe:
+            _record_fidelity(site, grad_x, grad_w,
+                             lambda: conv2d_grad_input(site.geometry, x, weight, dy_exact),
+                             lambda: conv2d_grad_weight(site.geometry, x, weight, dy_exact))
         return grad_x, grad_w, grad_b
 
     def _conv2d_products(self, site: LayerSite, x: Tensor, weight: Tensor, dy: Tensor, need_x: bool,
@@ -149,6 +155,7 @@ class Pipeline:
         """``x``: (N, in) and ``dy``: (N, out), leading dimensions already flattened."""
         need_x, need_w, need_b = needs
         macs = x.shape[0] * weight.shape[0] * weight.shape[1]
+        dy_exact = dy
         pruner = self.by_stage.get("grad_output")
         if pruner is not None:
             dy = pruner.linear_grad_output(site, dy)
@@ -162,6 +169,8 @@ class Pipeline:
 
         grad_x, grad_w, computed = _on_live(live, x, weight, dy, need_x, need_w, products)
         site.work.add(exact=macs * parts, computed=computed, zero=_zero_macs(live, macs) * parts)
+        if site.probe:
+            _record_fidelity(site, grad_x, grad_w, lambda: dy_exact.mm(weight), lambda: dy_exact.t().mm(x))
         return grad_x, grad_w, grad_b
 
     def _linear_products(self, site: LayerSite, x: Tensor, weight: Tensor, dy: Tensor, need_x: bool,
@@ -184,6 +193,16 @@ class Pipeline:
                 grad_w, done = method.linear_grad_weight(site, x, weight, dy)
             computed += done
         return grad_x, grad_w, computed
+
+
+def _record_fidelity(site: LayerSite, grad_x: Tensor | None, grad_w: Tensor | None,
+                     exact_x: Callable[[], Tensor], exact_w: Callable[[], Tensor]) -> None:
+    """Compares the gradients just computed with exact ones of the same dy (probe steps)."""
+    site.fidelity = {}
+    for part, grad, exact in (("input", grad_x, exact_x), ("weight", grad_w, exact_w)):
+        if grad is not None:
+            site.fidelity.update({f"{part}.{k}": v for k, v in fidelity(grad, exact()).items()})
+    site.probe = False
 
 
 _Products = Callable[[Tensor, Tensor, Tensor], tuple[Tensor | None, Tensor | None, int]]
