@@ -67,6 +67,13 @@ class LayerSite:
             self.generator(torch.device(dev)).set_state(state)
 
 
+def _like(dy: Tensor, x: Tensor) -> Tensor:
+    """``dy`` made dense in ``x``'s memory format: oneDNN converts mixed layouts on every call."""
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return dy.contiguous(memory_format=torch.channels_last)
+    return dy.contiguous()
+
+
 class _Conv2dFunction(torch.autograd.Function):
     # ``mask_context``: what the pipeline's input_mask method learnt about x at forward time
     # (``Pipeline.input_context``), e.g. whether x is a ReLU output; ``None`` without one.
@@ -83,7 +90,7 @@ class _Conv2dFunction(torch.autograd.Function):
     def backward(ctx, dy: Tensor):
         x, weight = ctx.saved_tensors
         site = ctx.site
-        grads = site.pipeline.conv2d_backward(site, x, weight, dy.contiguous(), ctx.needs_input_grad[:3],
+        grads = site.pipeline.conv2d_backward(site, x, weight, _like(dy, x), ctx.needs_input_grad[:3],
                                               ctx.mask_context)
         return (*grads, None, None)
 

@@ -48,10 +48,12 @@ def _scale_rows(t: Tensor, scale: Tensor, dim: int) -> Tensor:
 
 def _gather(t: Tensor, dim: int, idx: Tensor) -> Tensor:
     """``t.index_select(dim, idx)`` in ``t``'s memory format (oneDNN is slow on mixed formats)."""
-    out = t.index_select(dim, idx)
     if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
-        out = out.contiguous(memory_format=torch.channels_last)
-    return out
+        if dim == 0:  # whole samples are contiguous blocks in NHWC: one copy
+            return t.permute(0, 2, 3, 1).index_select(0, idx).permute(0, 3, 1, 2)
+        # channels are the innermost stride: a strided gather is slower than gather + convert
+        return t.index_select(dim, idx).contiguous(memory_format=torch.channels_last)
+    return t.index_select(dim, idx)
 
 
 @register
