@@ -173,3 +173,15 @@ def test_eval_and_no_grad_are_exact():
         assert torch.equal(layer(x), ref)
     layer.eval()
     assert torch.equal(layer(x).detach(), ref)
+
+
+def test_channels_last_is_exact_and_keeps_its_format():
+    layer = nn.Conv2d(4, 6, 3, padding=1).double().to(memory_format=torch.channels_last)
+    x = torch.randn(5, 4, 8, 8, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    exact, patched = _exact_vs_patched(layer, x, CRS(sample_ratio=1.0))
+    for e, p in zip(exact, patched, strict=True):
+        torch.testing.assert_close(p, e, rtol=1e-12, atol=1e-12)
+    approximate(layer, "crs", sample_ratio=0.5, exclude=None)
+    x = x.clone().requires_grad_(True)
+    layer(x).sum().backward()
+    assert x.grad.is_contiguous(memory_format=torch.channels_last)
