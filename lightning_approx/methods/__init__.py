@@ -2,6 +2,8 @@
 
 from lightning_approx.methods.base import Method
 from lightning_approx.methods.forward_sampling import ForwardSampling
+from lightning_approx.methods.grad_prune import GradPrune
+from lightning_approx.methods.patch_grad import PatchGrad
 from lightning_approx.methods.pipeline import Pipeline
 from lightning_approx.methods.registry import METHODS, build_method, parse_spec, register, spec_label
 from lightning_approx.methods.relu_mask import ReluMask
@@ -12,7 +14,9 @@ __all__ = [
     "METHODS",
     "BernoulliCRS",
     "ForwardSampling",
+    "GradPrune",
     "Method",
+    "PatchGrad",
     "Pipeline",
     "ReluMask",
     "TopK",

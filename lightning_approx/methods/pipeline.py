@@ -110,8 +110,10 @@ class Pipeline:
         macs = site.geometry.macs(x.shape, weight, dy.shape)
         dy_exact = dy
         pruner = self.by_stage.get("grad_output")
+        pruned_zeros = 0.0
         if pruner is not None:
             dy = pruner.conv2d_grad_output(site, dy)
+            pruned_zeros = getattr(pruner, "last_zero_fraction", 0.0)
         grad_b = dy.sum((0, 2, 3)) if need_b else None  # cheap: always exact
         masker = self.by_stage.get(INPUT_MASK)
         parts = need_x + need_w
@@ -121,7 +123,7 @@ class Pipeline:
             return self._conv2d_products(site, x, weight, dy, need_x, need_w)
 
         grad_x, grad_w, computed = _on_live(live, x, weight, dy, need_x, need_w, products)
-        site.work.add(exact=macs * parts, computed=computed, zero=_zero_macs(live, macs) * parts)
+        site.work.add(exact=macs * parts, computed=computed, zero=_zero_macs(live, pruned_zeros, macs) * parts)
         if site.probe:
             _record_fidelity(site, grad_x, grad_w,
                              lambda: conv2d_grad_input(site.geometry, x, weight, dy_exact),
@@ -157,8 +159,10 @@ class Pipeline:
         macs = x.shape[0] * weight.shape[0] * weight.shape[1]
         dy_exact = dy
         pruner = self.by_stage.get("grad_output")
+        pruned_zeros = 0.0
         if pruner is not None:
             dy = pruner.linear_grad_output(site, dy)
+            pruned_zeros = getattr(pruner, "last_zero_fraction", 0.0)
         grad_b = dy.sum(0) if need_b else None
         masker = self.by_stage.get(INPUT_MASK)
         parts = need_x + need_w
@@ -168,7 +172,7 @@ class Pipeline:
             return self._linear_products(site, x, weight, dy, need_x, need_w)
 
         grad_x, grad_w, computed = _on_live(live, x, weight, dy, need_x, need_w, products)
-        site.work.add(exact=macs * parts, computed=computed, zero=_zero_macs(live, macs) * parts)
+        site.work.add(exact=macs * parts, computed=computed, zero=_zero_macs(live, pruned_zeros, macs) * parts)
         if site.probe:
             _record_fidelity(site, grad_x, grad_w, lambda: dy_exact.mm(weight), lambda: dy_exact.t().mm(x))
         return grad_x, grad_w, grad_b
@@ -227,12 +231,14 @@ def _on_live(live: LiveSlices | None, x: Tensor, weight: Tensor, dy: Tensor, nee
     return grad_x, grad_w, computed
 
 
-def _zero_macs(live: LiveSlices | None, macs: int) -> int:
-    """MACs of one backward product that are zero by construction (element level).
+def _zero_macs(live: LiveSlices | None, pruned_zeros: float, macs: int) -> int:
+    """MACs of one backward product that multiply zeros known before it runs.
 
-    Every entry of x takes part in about the same number of MACs of either product (exactly
-    for 1x1 stride-1 convs and Linear, up to border effects otherwise), so the zero entries'
-    share of x is their share of the MACs: multiplications by zero in the weight gradient,
-    and input-gradient entries the ReLU discards.
+    Every entry of x (or of dy) takes part in about the same number of MACs of either product
+    (exactly for 1x1 stride-1 convs and Linear, up to border effects otherwise), so a tensor's
+    zero fraction is its share of the MACs: zeros of a ReLU input (weight-gradient terms, and
+    input-gradient entries the ReLU discards) and zeros of a pruned dy. Where both apply, the
+    larger share is counted (their zeros overlap; counting both could exceed the total).
     """
-    return 0 if live is None else round(macs * live.zero_fraction)
+    masked = 0.0 if live is None else live.zero_fraction
+    return round(macs * max(masked, pruned_zeros))
