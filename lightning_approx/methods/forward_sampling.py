@@ -33,10 +33,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_approx.errors import ConfigError
+from lightning_approx.kernels import ops as kops
 from lightning_approx.methods.base import Hyperparameter, Method
 from lightning_approx.methods.registry import register
 from lightning_approx.methods.sampling import SAMPLE_RATIO
-from lightning_approx.ops.norms import plane_sq_norms
 from lightning_approx.ops.sampling import crs_sample, sample_count, topk_select
 from lightning_approx.schedules import Schedule
 
@@ -113,8 +113,8 @@ class ForwardSampling(Method):
             # channels and the kernel, times ||x[:, c]|| over batch and space. Reduced from
             # per-plane squared norms: one contiguous pass each (a multi-dim vector_norm over
             # NCHW is far slower on CPU, see ops/norms.py).
-            w_sq = plane_sq_norms(weight.detach()).view(groups, cout_g, cin_g).sum(1)
-            x_sq = plane_sq_norms(x.detach()).sum(0).view(groups, cin_g)
+            w_sq = kops.plane_sq_norms(weight.detach()).view(groups, cout_g, cin_g).sum(1)
+            x_sq = kops.plane_sq_norms(x.detach()).sum(0).view(groups, cin_g)
             idx, scale = self.select((w_sq * x_sq).sqrt(), k, site.generator(x.device))  # (groups, k) each
         channels = (idx + torch.arange(groups, device=idx.device).unsqueeze(1) * cin_g).flatten()
         x_k = x.index_select(1, channels)

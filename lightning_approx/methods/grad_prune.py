@@ -9,9 +9,9 @@ from typing import TYPE_CHECKING, ClassVar
 from torch import Tensor
 
 from lightning_approx.errors import ConfigError
+from lightning_approx.kernels import ops as kops
 from lightning_approx.methods.base import Hyperparameter, Method
 from lightning_approx.methods.registry import register
-from lightning_approx.ops.prune import stochastic_prune
 from lightning_approx.schedules import Schedule
 
 if TYPE_CHECKING:
@@ -56,7 +56,7 @@ class GradPrune(Method):
         return {"apply_to_linear": self.apply_to_linear}
 
     def _prune(self, site: LayerSite, dy: Tensor) -> Tensor:
-        pruned, non_zeros = stochastic_prune(dy, self.value("sparsity"), site.generator(dy.device))
+        pruned, non_zeros = kops.stochastic_prune(dy, self.value("sparsity"), site.generator(dy.device))
         zeros = dy.numel() - non_zeros
         self._zeros += zeros
         self._entries += dy.numel()

@@ -8,10 +8,11 @@ from typing import TYPE_CHECKING, ClassVar
 from torch import Tensor
 
 from lightning_approx.errors import ConfigError
+from lightning_approx.kernels import ops as kops
 from lightning_approx.methods.base import Hyperparameter, Method
 from lightning_approx.methods.registry import register
 from lightning_approx.ops.conv import conv2d_grad_weight
-from lightning_approx.ops.patch import VARIANTS, patch_weight_grad
+from lightning_approx.ops.patch import VARIANTS
 
 if TYPE_CHECKING:
     from lightning_approx.layers import LayerSite
@@ -61,7 +62,7 @@ class PatchGrad(Method):
         macs = geom.macs(x.shape, weight, dy.shape)
         if not self.selects(site, weight):
             return conv2d_grad_weight(geom, x, weight, dy), macs
-        grad = patch_weight_grad(geom, x, dy, weight.shape, self.variant, site.generator(x.device))
+        grad = kops.patch_weight_grad(geom, x, dy, weight.shape, self.variant, site.generator(x.device))
         return grad, dy.shape[0] * weight.numel()
 
     def linear_grad_weight(self, site: LayerSite, x: Tensor, weight: Tensor, dy: Tensor) -> tuple[Tensor, int]:

@@ -23,9 +23,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor
 
+from lightning_approx.kernels import ops as kops
 from lightning_approx.methods.base import Method
 from lightning_approx.methods.registry import register
-from lightning_approx.ops.mask import LiveSlices, find_live, is_relu_output
+from lightning_approx.ops.mask import LiveSlices, is_relu_output
 
 if TYPE_CHECKING:
     from lightning_approx.layers import LayerSite
@@ -137,7 +138,7 @@ class ReluMask(Method):
         if not context:
             return None
         # Grouped convs: a gathered channel subset no longer splits into equal groups.
-        live = find_live(x, restrict=site.geometry.groups == 1)
+        live = kops.find_live(x, restrict=site.geometry.groups == 1)
         self._record(site, live)
         return live
 
@@ -146,6 +147,6 @@ class ReluMask(Method):
         columns zero across the batch, dead samples all-zero rows."""
         if not context:
             return None
-        live = find_live(x)
+        live = kops.find_live(x)
         self._record(site, live)
         return live

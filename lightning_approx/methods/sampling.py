@@ -22,10 +22,10 @@ import torch
 from torch import Tensor
 
 from lightning_approx.errors import ConfigError
+from lightning_approx.kernels import ops as kops
 from lightning_approx.methods.base import Hyperparameter, Method
 from lightning_approx.methods.registry import register
 from lightning_approx.ops.conv import conv2d_grad_input, conv2d_grad_weight
-from lightning_approx.ops.norms import plane_sq_norms, sample_norms
 from lightning_approx.ops.sampling import bernoulli_sample, crs_sample, sample_count, topk_select
 from lightning_approx.schedules import Schedule
 
@@ -38,22 +38,6 @@ SAMPLE_RATIO = Hyperparameter(low=0.0, high=1.0, low_open=True, high_open=False,
 
 GRADS = {"both": frozenset({"grad_input", "grad_weight"}), "weight": frozenset({"grad_weight"}),
          "input": frozenset({"grad_input"})}
-
-
-def _scale_rows(t: Tensor, scale: Tensor, dim: int) -> Tensor:
-    shape = [1] * t.dim()
-    shape[dim] = -1
-    return t.mul_(scale.to(t.dtype).view(shape))  # t is a fresh gather: scale it in place
-
-
-def _gather(t: Tensor, dim: int, idx: Tensor) -> Tensor:
-    """``t.index_select(dim, idx)`` in ``t``'s memory format (oneDNN is slow on mixed formats)."""
-    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
-        if dim == 0:  # whole samples are contiguous blocks in NHWC: one copy
-            return t.permute(0, 2, 3, 1).index_select(0, idx).permute(0, 3, 1, 2)
-        # channels are the innermost stride: a strided gather is slower than gather + convert
-        return t.index_select(dim, idx).contiguous(memory_format=torch.channels_last)
-    return t.index_select(dim, idx)
 
 
 @register
@@ -103,7 +87,7 @@ class CRS(Method):
         """(N, C) squared norms of ``dy``, shared by the two products of one backward."""
         cached = getattr(self, "_norm_cache", None)
         if cached is None or cached[0]() is not dy or cached[1] != dy._version:
-            cached = (weakref.ref(dy), dy._version, plane_sq_norms(dy))
+            cached = (weakref.ref(dy), dy._version, kops.plane_sq_norms(dy))
             self._norm_cache = cached
         return cached[2]
 
@@ -115,10 +99,10 @@ class CRS(Method):
         if self._exact():
             return conv2d_grad_weight(geom, x, weight, dy), macs
         k = sample_count(self.value("sample_ratio"), n)
-        norms = sample_norms(x) * self._plane_sq_norms(dy).sum(1).sqrt()
+        norms = kops.sample_norms(x) * self._plane_sq_norms(dy).sum(1).sqrt()
         idx, scale = self.select(norms, k, site.generator(x.device))
-        dy_k = _scale_rows(_gather(dy, 0, idx), scale, 0)
-        grad = conv2d_grad_weight(geom, _gather(x, 0, idx), weight, dy_k)
+        dy_k = kops.gather_scale(dy, idx, scale, 0)
+        grad = conv2d_grad_weight(geom, kops.gather_scale(x, idx, None, 0), weight, dy_k)
         return grad, macs * idx.numel() // n
 
     def conv2d_grad_input(self, site: LayerSite, x: Tensor, weight: Tensor, dy: Tensor) -> tuple[Tensor, int]:
@@ -130,12 +114,12 @@ class CRS(Method):
         per_group = cout // groups
         k = sample_count(self.value("sample_ratio"), per_group)
         # Grouped convs keep their structure: the same number of channels from every group.
-        norms = sample_norms(weight) * self._plane_sq_norms(dy).sum(0).sqrt()
+        norms = kops.sample_norms(weight) * self._plane_sq_norms(dy).sum(0).sqrt()
         idx, scale = self.select(norms.view(groups, per_group), k, site.generator(x.device))
         idx = (idx + torch.arange(groups, device=idx.device).unsqueeze(1) * per_group).flatten()
         # conv_t(s_c dy_c, W_c) = conv_t(dy_c, s_c W_c): scale the small weight, not dy.
-        weight_k = _scale_rows(_gather(weight, 0, idx), scale.flatten(), 0)
-        grad = conv2d_grad_input(geom, x, weight_k, _gather(dy, 1, idx))
+        weight_k = kops.gather_scale(weight, idx, scale.flatten(), 0)
+        grad = conv2d_grad_input(geom, x, weight_k, kops.gather_scale(dy, idx, None, 1))
         return grad, macs * idx.numel() // cout
 
     # --- Linear (x: (N, in), dy: (N, out)) ------------------------------------------------
@@ -147,8 +131,8 @@ class CRS(Method):
         k = sample_count(self.value("sample_ratio"), n)
         norms = torch.linalg.vector_norm(x, dim=1) * torch.linalg.vector_norm(dy, dim=1)
         idx, scale = self.select(norms, k, site.generator(x.device))
-        dy_k = _scale_rows(dy.index_select(0, idx), scale, 0)
-        return dy_k.t().mm(x.index_select(0, idx)), macs * idx.numel() // n
+        dy_k = kops.gather_scale(dy, idx, scale, 0)
+        return dy_k.t().mm(kops.gather_scale(x, idx, None, 0)), macs * idx.numel() // n
 
     def linear_grad_input(self, site: LayerSite, x: Tensor, weight: Tensor, dy: Tensor) -> tuple[Tensor, int]:
         out = weight.shape[0]
@@ -158,8 +142,8 @@ class CRS(Method):
         k = sample_count(self.value("sample_ratio"), out)
         norms = torch.linalg.vector_norm(weight, dim=1) * torch.linalg.vector_norm(dy, dim=0)
         idx, scale = self.select(norms, k, site.generator(x.device))
-        weight_k = _scale_rows(weight.index_select(0, idx), scale, 0)
-        return dy.index_select(1, idx).mm(weight_k), macs * idx.numel() // out
+        weight_k = kops.gather_scale(weight, idx, scale, 0)
+        return kops.gather_scale(dy, idx, None, 1).mm(weight_k), macs * idx.numel() // out
 
 
 @register
