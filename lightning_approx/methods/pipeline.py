@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
@@ -106,97 +107,77 @@ class Pipeline:
                         needs: tuple[bool, bool, bool], mask_context: Any = None
                         ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         """The three gradients of a conv; ``mask_context`` comes from :meth:`input_context`."""
-        need_x, need_w, need_b = needs
-        macs = site.geometry.macs(x.shape, weight, dy.shape)
-        dy_exact = dy
-        pruner = self.by_stage.get("grad_output")
-        pruned_zeros = 0.0
-        if pruner is not None:
-            dy = pruner.conv2d_grad_output(site, dy)
-            pruned_zeros = getattr(pruner, "last_zero_fraction", 0.0)
-        grad_b = dy.sum((0, 2, 3)) if need_b else None  # cheap: always exact
-        masker = self.by_stage.get(INPUT_MASK)
-        parts = need_x + need_w
-        live = masker.conv2d_live(site, x, weight, mask_context) if masker is not None and parts else None
-
-        def products(x: Tensor, weight: Tensor, dy: Tensor) -> tuple[Tensor | None, Tensor | None, int]:
-            return self._conv2d_products(site, x, weight, dy, need_x, need_w)
-
-        grad_x, grad_w, computed = _on_live(live, x, weight, dy, need_x, need_w, products)
-        site.work.add(exact=macs * parts, computed=computed, zero=_zero_macs(live, pruned_zeros, macs) * parts)
-        if site.probe:
-            _record_fidelity(site, grad_x, grad_w,
-                             lambda: conv2d_grad_input(site.geometry, x, weight, dy_exact),
-                             lambda: conv2d_grad_weight(site.geometry, x, weight, dy_exact))
-        return grad_x, grad_w, grad_b
-
-    def _conv2d_products(self, site: LayerSite, x: Tensor, weight: Tensor, dy: Tensor, need_x: bool,
-                         need_w: bool) -> tuple[Tensor | None, Tensor | None, int]:
-        macs = site.geometry.macs(x.shape, weight, dy.shape)  # of the (possibly restricted) tensors
-        grad_x = grad_w = None
-        computed = 0
-        if need_x:
-            method = self.by_stage.get("grad_input")
-            if method is None:
-                grad_x, done = conv2d_grad_input(site.geometry, x, weight, dy), macs
-            else:
-                grad_x, done = method.conv2d_grad_input(site, x, weight, dy)
-            computed += done
-        if need_w:
-            method = self.by_stage.get("grad_weight")
-            if method is None:
-                grad_w, done = conv2d_grad_weight(site.geometry, x, weight, dy), macs
-            else:
-                grad_w, done = method.conv2d_grad_weight(site, x, weight, dy)
-            computed += done
-        return grad_x, grad_w, computed
+        return self._backward(_CONV2D, site, x, weight, dy, needs, mask_context)
 
     def linear_backward(self, site: LayerSite, x: Tensor, weight: Tensor, dy: Tensor,
                         needs: tuple[bool, bool, bool], mask_context: Any = None
                         ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         """``x``: (N, in) and ``dy``: (N, out), leading dimensions already flattened."""
+        return self._backward(_LINEAR, site, x, weight, dy, needs, mask_context)
+
+    def _backward(self, op: _Op, site: LayerSite, x: Tensor, weight: Tensor, dy: Tensor,
+                  needs: tuple[bool, bool, bool], mask_context: Any
+                  ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         need_x, need_w, need_b = needs
-        macs = x.shape[0] * weight.shape[0] * weight.shape[1]
+        macs = op.macs(site, x, weight, dy)
         dy_exact = dy
         pruner = self.by_stage.get("grad_output")
         pruned_zeros = 0.0
         if pruner is not None:
-            dy = pruner.linear_grad_output(site, dy)
+            dy = getattr(pruner, f"{op.name}_grad_output")(site, dy)
             pruned_zeros = getattr(pruner, "last_zero_fraction", 0.0)
-        grad_b = dy.sum(0) if need_b else None
+        grad_b = dy.sum(op.bias_dims) if need_b else None  # cheap: always exact
         masker = self.by_stage.get(INPUT_MASK)
         parts = need_x + need_w
-        live = masker.linear_live(site, x, weight, mask_context) if masker is not None and parts else None
+        live = None
+        if masker is not None and parts:
+            live = getattr(masker, f"{op.name}_live")(site, x, weight, mask_context)
 
         def products(x: Tensor, weight: Tensor, dy: Tensor) -> tuple[Tensor | None, Tensor | None, int]:
-            return self._linear_products(site, x, weight, dy, need_x, need_w)
+            return self._products(op, site, x, weight, dy, need_x, need_w)
 
         grad_x, grad_w, computed = _on_live(live, x, weight, dy, need_x, need_w, products)
         site.work.add(exact=macs * parts, computed=computed, zero=_zero_macs(live, pruned_zeros, macs) * parts)
         if site.probe:
-            _record_fidelity(site, grad_x, grad_w, lambda: dy_exact.mm(weight), lambda: dy_exact.t().mm(x))
+            _record_fidelity(site, grad_x, grad_w, lambda: op.grad_input(site, x, weight, dy_exact),
+                             lambda: op.grad_weight(site, x, weight, dy_exact))
         return grad_x, grad_w, grad_b
 
-    def _linear_products(self, site: LayerSite, x: Tensor, weight: Tensor, dy: Tensor, need_x: bool,
-                         need_w: bool) -> tuple[Tensor | None, Tensor | None, int]:
-        macs = x.shape[0] * weight.shape[0] * weight.shape[1]
-        grad_x = grad_w = None
+    def _products(self, op: _Op, site: LayerSite, x: Tensor, weight: Tensor, dy: Tensor, need_x: bool,
+                  need_w: bool) -> tuple[Tensor | None, Tensor | None, int]:
+        """The two products, each by the method claiming its stage or exactly."""
+        macs = op.macs(site, x, weight, dy)  # of the (possibly restricted) tensors
+        grads: list[Tensor | None] = [None, None]
         computed = 0
-        if need_x:
-            method = self.by_stage.get("grad_input")
+        for i, (needed, stage, exact) in enumerate(((need_x, "grad_input", op.grad_input),
+                                                    (need_w, "grad_weight", op.grad_weight))):
+            if not needed:
+                continue
+            method = self.by_stage.get(stage)
             if method is None:
-                grad_x, done = dy.mm(weight), macs
+                grads[i], done = exact(site, x, weight, dy), macs
             else:
-                grad_x, done = method.linear_grad_input(site, x, weight, dy)
+                grads[i], done = getattr(method, f"{op.name}_{stage}")(site, x, weight, dy)
             computed += done
-        if need_w:
-            method = self.by_stage.get("grad_weight")
-            if method is None:
-                grad_w, done = dy.t().mm(x), macs
-            else:
-                grad_w, done = method.linear_grad_weight(site, x, weight, dy)
-            computed += done
-        return grad_x, grad_w, computed
+        return grads[0], grads[1], computed
+
+
+@dataclass(frozen=True)
+class _Op:
+    """What differs between the Conv2d and the Linear backward."""
+
+    name: str  # prefix of the method hooks: conv2d_grad_input, linear_live, ...
+    macs: Callable[[LayerSite, Tensor, Tensor, Tensor], int]
+    grad_input: Callable[[LayerSite, Tensor, Tensor, Tensor], Tensor]
+    grad_weight: Callable[[LayerSite, Tensor, Tensor, Tensor], Tensor]
+    bias_dims: tuple[int, ...]
+
+
+_CONV2D = _Op("conv2d", lambda site, x, w, dy: site.geometry.macs(x.shape, w, dy.shape),
+              lambda site, x, w, dy: conv2d_grad_input(site.geometry, x, w, dy),
+              lambda site, x, w, dy: conv2d_grad_weight(site.geometry, x, w, dy), (0, 2, 3))
+_LINEAR = _Op("linear", lambda site, x, w, dy: x.shape[0] * w.numel(), lambda site, x, w, dy: dy.mm(w),
+              lambda site, x, w, dy: dy.t().mm(x), (0,))
 
 
 def _record_fidelity(site: LayerSite, grad_x: Tensor | None, grad_w: Tensor | None,
