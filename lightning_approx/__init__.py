@@ -11,11 +11,11 @@ Lightning::
     trainer = Trainer(callbacks=[lightning_approx.ApproxBackward("crs", sample_ratio=0.5)])
 """
 
-from lightning_approx.callbacks import ApproxBackward
+from lightning_approx.callbacks import ApproxBackward, KernelRescaling
 from lightning_approx.errors import ConfigError
 from lightning_approx.methods import CRS, METHODS, Method, Pipeline, build_method
 from lightning_approx.surgery import approximate, restore
 
-__all__ = ["CRS", "METHODS", "ApproxBackward", "ConfigError", "Method", "Pipeline", "approximate",
+__all__ = ["CRS", "METHODS", "ApproxBackward", "ConfigError", "KernelRescaling", "Method", "Pipeline", "approximate",
            "build_method", "restore"]
 __version__ = "0.1.0"
