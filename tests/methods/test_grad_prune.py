@@ -10,16 +10,31 @@ import torch
 from torch import nn
 
 from lightning_approx import ConfigError, approximate
-from lightning_approx.methods import GradPrune
+from lightning_approx.methods import GradPrune, Pipeline
 from lightning_approx.ops.prune import prune_threshold, stochastic_prune
-from lightning_approx.surgery import patched_sites
+from lightning_approx.surgery import patched_sites, restore
 from tests.statistics import assert_unbiased
+
+
+class _ThroughMethod(Pipeline):
+    """Runs the method's own backward even at sparsity 0.0 (layers would otherwise take the
+    plain path, exact by construction)."""
+
+    is_exact = False
 
 
 def expected_gaussian_sparsity(p: float) -> float:
     """Zeros produced from N(0, s^2) entries: P(|g| < tau) - E[|g|/tau; |g| < tau]."""
     z = torch.special.ndtri(torch.tensor((1 + p) / 2, dtype=torch.float64)).item()
     return p - math.sqrt(2 / math.pi) * (1 - math.exp(-z * z / 2)) / z
+
+
+def expected_laplace_sparsity(p: float) -> float:
+    """The same for Laplace(0, b) entries: |g| ~ Exp(1/b), E|g| = b, so tau = t * b with
+    t = sqrt(pi/2) * z; zeros = P(|g| < tau) - E[|g|; |g| < tau] / tau."""
+    z = torch.special.ndtri(torch.tensor((1 + p) / 2, dtype=torch.float64)).item()
+    t = math.sqrt(math.pi / 2) * z
+    return (1 - math.exp(-t)) - (1 - math.exp(-t) * (1 + t)) / t
 
 
 def test_zero_sparsity_is_the_identity():
@@ -49,16 +64,71 @@ def test_realized_sparsity_on_gaussian_gradients(p):
 
 def test_non_gaussian_gradients_drift_from_the_prediction():
     """The threshold assumes normal gradients; Laplace ones (sharper peak) give more zeros."""
-    laplace = torch.distributions.Laplace(0.0, 1.0).sample((200_000,))
-    _, nnz = stochastic_prune(laplace, 0.9, torch.Generator().manual_seed(0))
-    realized = 1 - nnz / laplace.numel()
-    assert expected_gaussian_sparsity(0.9) + 0.05 < realized < 0.75  # measured 0.65 (see the card)
+    n = 200_000
+    gen = torch.Generator().manual_seed(1)
+    # Drawn from a stream of its own: Laplace.sample() on the global stream (seeded 0 by the
+    # conftest) shares its uniforms with Generator().manual_seed(0), which correlates |g|
+    # with the keep decisions and once gave 0.65 instead of 0.577 here.
+    laplace = torch.empty(n).exponential_(generator=gen) * (torch.randint(0, 2, (n,), generator=gen) * 2 - 1)
+    _, nnz = stochastic_prune(laplace, 0.9, torch.Generator().manual_seed(2))
+    realized = 1 - nnz / n
+    assert realized == pytest.approx(expected_laplace_sparsity(0.9), abs=0.005)  # 0.577
+    assert realized > expected_gaussian_sparsity(0.9) + 0.02  # vs 0.541 for normal gradients
 
 
 def test_pruned_gradient_is_unbiased():
     g = torch.randn(6, 4, 3, 3, dtype=torch.float64)
     gen = torch.Generator().manual_seed(0)
     assert_unbiased(lambda: stochastic_prune(g, 0.9, gen)[0], g, samples=2000)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_shape_dtype_and_count(dtype):
+    g = torch.randn(2, 3, 4, 5).to(dtype)
+    out, nnz = stochastic_prune(g, 0.9, torch.Generator().manual_seed(0))
+    assert out.shape == g.shape and out.dtype == dtype
+    assert nnz == int(torch.count_nonzero(out)) < g.numel()
+
+
+def _grads(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> list[torch.Tensor]:
+    x = x.clone().requires_grad_(True)
+    layer.zero_grad()
+    layer(x).backward(dy)
+    return [x.grad] + [p.grad.clone() for p in layer.parameters()]
+
+
+LAYERS = [lambda: (nn.Conv2d(3, 4, 3, stride=2, padding=1), (2, 3, 7, 7)),
+          lambda: (nn.Conv2d(4, 6, 3, padding="same", dilation=2, groups=2), (2, 4, 6, 6)),
+          lambda: (nn.Linear(5, 3), (2, 4, 5))]
+
+
+@pytest.mark.parametrize("through", [False, True], ids=["plain_path", "method_backward"])
+@pytest.mark.parametrize("make", LAYERS, ids=["conv_strided", "conv_same_grouped_dilated", "linear"])
+def test_zero_sparsity_is_exact_through_a_layer(make, through):
+    layer, shape = make()
+    layer = layer.double()
+    x = torch.randn(*shape, dtype=torch.float64)
+    dy = torch.randn_like(layer(x))
+    exact = _grads(layer, x, dy)
+    method = GradPrune(sparsity=0.0, apply_to_linear=True)
+    if through:
+        approximate(layer, _ThroughMethod([method]), exclude=None)
+    else:
+        approximate(layer, "grad_prune", sparsity=0.0, apply_to_linear=True, exclude=None)
+    patched = _grads(layer, x, dy)
+    restore(layer)
+    for e, p in zip(exact, patched, strict=True):
+        torch.testing.assert_close(p, e, rtol=1e-12, atol=1e-12)
+
+
+def test_layer_gradients_are_unbiased():
+    layer = nn.Conv2d(3, 4, 3, padding=1).double()
+    x = torch.randn(3, 3, 5, 5, dtype=torch.float64)
+    dy = torch.randn(3, 4, 5, 5, dtype=torch.float64)
+    exact = _grads(layer, x, dy)
+    approximate(layer, _ThroughMethod([GradPrune(sparsity=0.9)]), exclude=None)
+    for i in (0, 1):  # input gradient, weight gradient (both linear in the pruned dy)
+        assert_unbiased(lambda i=i: _grads(layer, x, dy)[i], exact[i], samples=1000)
 
 
 def test_layer_logs_realized_sparsity_and_zero_work():

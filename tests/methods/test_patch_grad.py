@@ -48,6 +48,21 @@ def test_vectorised_equals_loop(cfg, variant):
     torch.testing.assert_close(got, loop_reference(conv, x, dy, pos, coef).detach(), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("variant", ["argmax", "random", "fixed"])
+def test_shape_dtype_and_memory_format(variant, dtype):
+    conv = nn.Conv2d(4, 6, 3, padding=1, groups=2).to(dtype)
+    x = torch.randn(2, 4, 5, 5).to(dtype)
+    dy = torch.randn(2, 6, 5, 5).to(dtype)
+    geom = ConvGeometry.of(conv)
+    got = patch_weight_grad(geom, x, dy, conv.weight.shape, variant, torch.Generator().manual_seed(0))
+    assert got.shape == conv.weight.shape and got.dtype == dtype
+    cl = patch_weight_grad(geom, x.contiguous(memory_format=torch.channels_last),
+                           dy.contiguous(memory_format=torch.channels_last), conv.weight.shape, variant,
+                           torch.Generator().manual_seed(0))
+    torch.testing.assert_close(cl, got)
+
+
 def test_argmax_picks_the_largest_gradient_and_sums_dy():
     dy = torch.randn(2, 3, 4, 5)
     pos, coef = patch_positions(dy, "argmax", None)
