@@ -20,6 +20,13 @@ Selection (option ``selection``):
   an unbiased estimate of the exact output. Gradients through a network are still biased
   (downstream non-linearities see a noisy input), so the class says ``unbiased = False``.
 
+Ranking (option ``rank_by``): ``"weight_activation"`` (default, the score above) or
+``"weight"`` (``score_c = ||W[:, c]||`` only). Under data parallelism the weights are the same
+on every rank while the activations are not, so ranking by the weight alone makes every rank
+pick the same channels, and a DDP communication hook can all-reduce only their gradient
+slices (:class:`~lightning_approx.strategies.ApproxDDPStrategy`, which reads them through
+:meth:`ForwardSampling.track_selections` / :meth:`ForwardSampling.take_selection`).
+
 Evaluation is exact (the layer routes ``eval()`` / ``no_grad`` to the plain forward), and
 ``sample_ratio = 1.0`` runs the plain op.
 """
@@ -44,6 +51,7 @@ if TYPE_CHECKING:
     from lightning_approx.layers import LayerSite
 
 SELECTIONS = ("topk", "crs")
+RANK_BY = ("weight_activation", "weight")
 
 
 @register
@@ -57,6 +65,8 @@ class ForwardSampling(Method):
         selection: ``"topk"`` (the k largest scores, unscaled; deterministic, biased) or
             ``"crs"`` (k draws with replacement, p ∝ score, scaled by 1/(k p): an unbiased
             forward output).
+        rank_by: ``"weight_activation"`` (score = weight norm × activation norm) or
+            ``"weight"`` (weight norm only: the same channels on every data-parallel rank).
 
     Work is counted when the backward runs (a gradient hook on the layer output): the
     exact backward MACs of the full layer against those of the sampled op, whose two
@@ -68,16 +78,48 @@ class ForwardSampling(Method):
     unbiased = False
     hyperparameters: ClassVar[dict[str, Hyperparameter]] = {"sample_ratio": SAMPLE_RATIO}
 
-    def __init__(self, sample_ratio: float | Schedule = 0.5, selection: str = "topk") -> None:
+    def __init__(self, sample_ratio: float | Schedule = 0.5, selection: str = "topk",
+                 rank_by: str = "weight_activation") -> None:
         super().__init__()
         self._set("sample_ratio", sample_ratio)
         if selection not in SELECTIONS:
             raise ConfigError(f"{self.name}.selection", selection, "unknown selection",
                               f"use one of {list(SELECTIONS)} ('topk': the paper's best; 'crs': unbiased)")
         self.selection = selection
+        if rank_by not in RANK_BY:
+            raise ConfigError(f"{self.name}.rank_by", rank_by, "unknown ranking",
+                              f"use one of {list(RANK_BY)} ('weight': the same channels on every DDP rank)")
+        self.rank_by = rank_by
+        self._tracking = False
+        self._selected: dict[str, Tensor] = {}
 
     def options(self) -> dict:
-        return {"selection": self.selection}
+        return {"selection": self.selection, "rank_by": self.rank_by}
+
+    # --- which channels ran, for a communication hook ----------------------------------------
+    def track_selections(self, enabled: bool = True) -> None:
+        """Starts (or stops) recording the input channels each layer's training forward uses,
+        so a DDP communication hook can reduce only their gradient slices (off by default: it
+        costs a small mask update per forward)."""
+        self._tracking = enabled
+        self._selected.clear()
+
+    def take_selection(self, site_name: str) -> Tensor | None:
+        """The input channels layer ``site_name`` ran on since the last call, as a
+        ``(groups, C_in / groups)`` bool mask (the union over forwards, e.g. accumulated
+        micro-batches), or ``None`` when no recorded forward ran; clears the record."""
+        return self._selected.pop(site_name, None)
+
+    def _record(self, site: LayerSite, idx: Tensor | None, groups: int, channels: int, device: torch.device) -> None:
+        if not self._tracking:
+            return
+        mask = self._selected.get(site.name)
+        if mask is None:
+            mask = self._selected[site.name] = torch.zeros(groups, channels, dtype=torch.bool, device=device)
+        if idx is None:  # the plain op ran on every channel
+            mask.fill_(True)
+        else:
+            mask.scatter_(1, idx.view(groups, -1), True)
 
     # --- selection ------------------------------------------------------------------------
     def select(self, scores: Tensor, k: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -104,6 +146,7 @@ class ForwardSampling(Method):
         cout, cin_g, kh, kw = weight.shape
         k = self._k(cin_g)
         if k >= cin_g:  # nothing to save: the exact op costs the same and has no variance
+            self._record(site, None, groups, cin_g, weight.device)
             y = geom.forward(x, weight, bias)
             self._count_on_backward(site, y, x, weight, macs=geom.macs(x.shape, weight, y.shape), kept=1.0)
             return y
@@ -114,8 +157,12 @@ class ForwardSampling(Method):
             # per-plane squared norms: one contiguous pass each (a multi-dim vector_norm over
             # NCHW is far slower on CPU, see ops/norms.py).
             w_sq = kops.plane_sq_norms(weight.detach()).view(groups, cout_g, cin_g).sum(1)
-            x_sq = kops.plane_sq_norms(x.detach()).sum(0).view(groups, cin_g)
-            idx, scale = self.select((w_sq * x_sq).sqrt(), k, site.generator(x.device))  # (groups, k) each
+            if self.rank_by == "weight":
+                scores = w_sq.sqrt()
+            else:
+                scores = (w_sq * kops.plane_sq_norms(x.detach()).sum(0).view(groups, cin_g)).sqrt()
+            idx, scale = self.select(scores, k, site.generator(x.device))  # (groups, k) each
+            self._record(site, idx, groups, cin_g, weight.device)
         channels = (idx + torch.arange(groups, device=idx.device).unsqueeze(1) * cin_g).flatten()
         x_k = x.index_select(1, channels)
         w_k = weight.reshape(groups, cout_g, cin_g, kh, kw).gather(
@@ -135,14 +182,17 @@ class ForwardSampling(Method):
         macs = x.numel() // x.shape[-1] * weight.numel()
         k = self._k(fan_in)
         if k >= fan_in:
+            self._record(site, None, 1, fan_in, weight.device)
             y = F.linear(x, weight, bias)
             self._count_on_backward(site, y, x, weight, macs=macs, kept=1.0)
             return y
         with torch.no_grad():
             acc = torch.promote_types(x.dtype, torch.float32)  # half-precision sums lose small features
-            x_sq = x.detach().reshape(-1, fan_in).to(acc).square().sum(0)
             w_sq = weight.detach().to(acc).square().sum(0)
-            idx, scale = self.select((w_sq * x_sq).sqrt(), k, site.generator(x.device))
+            if self.rank_by != "weight":
+                w_sq = w_sq * x.detach().reshape(-1, fan_in).to(acc).square().sum(0)
+            idx, scale = self.select(w_sq.sqrt(), k, site.generator(x.device))
+            self._record(site, idx, 1, fan_in, weight.device)
         w_k = weight.index_select(1, idx)
         if self.selection != "topk":
             w_k = w_k * scale.to(weight.dtype)
