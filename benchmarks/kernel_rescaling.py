@@ -12,6 +12,11 @@ rescaled to full size on full-size test images.
 
     python benchmarks/kernel_rescaling.py --seeds 0 1 2 --json docs/bench/kernel_rescaling_cpu.json
     python benchmarks/kernel_rescaling.py --specs resnet20:32:2 --seeds 0 --limit-train-batches 5   # smoke test
+
+On a shared machine, run one seed at a time when it is idle and merge the results:
+
+    python benchmarks/kernel_rescaling.py --seeds 0 --json /tmp/kr_seed0.json     # ... seeds 1, 2
+    python benchmarks/kernel_rescaling.py --merge /tmp/kr_seed*.json --json docs/bench/kernel_rescaling_cpu.json
 """
 
 from __future__ import annotations
@@ -188,7 +193,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--limit-train-batches", type=float, default=1.0)
     p.add_argument("--data-dir", type=Path, default=DATA)
     p.add_argument("--json", type=Path)
+    p.add_argument("--merge", nargs="+", type=Path, help="print the tables of earlier --json files, run nothing")
     args = p.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.json)
     runs = []
     for spec in args.specs:
         model_name, size, epochs = spec.split(":")
@@ -210,6 +218,22 @@ def main(argv: list[str] | None = None) -> dict:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(out, indent=2))
+    return out
+
+
+def merge(paths: list[Path], out_path: Path | None) -> dict:
+    parts = [json.loads(path.read_text()) for path in paths]
+    runs = sorted((r for part in parts for r in part["runs"]),
+                  key=lambda r: (r["model"] != "resnet20", r["model"], r["seed"], VARIANTS.index(r["variant"])))
+    for part in parts:
+        print(f"{part['command']}\n  {part['header']}")
+    print(table(runs))
+    print()
+    print(switch_table(runs))
+    out = {"parts": [{"command": part["command"], "header": part["header"]} for part in parts], "runs": runs}
+    if out_path:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(out, indent=2))
     return out
 
 
