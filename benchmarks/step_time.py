@@ -3,10 +3,15 @@
 Every variant trains its own copy of the same model on the same batch; the variants run
 interleaved, one step each per round, so drifts in machine load hit all of them alike. Each
 step is split into forward, backward and optimizer time; the table reports medians over the
-timed rounds and ratios to the plain ``nn`` layers ("exact").
+timed rounds and ratios to the plain ``nn`` layers ("exact"), and the fraction of the
+backward multiply-accumulates computed. After the timed rounds, ``--layer-steps`` more rounds
+time every Conv2d / Linear of every variant with module hooks (forward, and backward from the
+gradient reaching the layer's output to its input gradient); the hooks cost time of their own,
+so those rounds are reported separately and never mixed into the step times.
 
-    python benchmarks/step_time.py                                   # ResNet-20, batch 128
-    python benchmarks/step_time.py --variants crs:sample_ratio=0.5 crs:sample_ratio=0.25
+    python benchmarks/step_time.py                                   # ResNet-20, batch 128, crs 0.5 / 0.25
+    python benchmarks/step_time.py --variants all --json out.json    # every method, default and exact settings
+    python benchmarks/step_time.py --variants crs:sample_ratio=0.5 --channels-last
     python benchmarks/step_time.py --json out.json --compare docs/bench/step_time_cpu.json
 """
 
@@ -15,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import statistics
 import sys
@@ -31,11 +37,87 @@ from lightning_approx.models import build_model
 from lightning_approx.surgery import patched_sites
 
 DEFAULT_VARIANTS = ["crs:sample_ratio=0.5", "crs:sample_ratio=0.25"]
+# ``--variants all``: every method at its exact setting (where it has one), then at its
+# default, then the settings the speed targets name.
+ALL_VARIANTS = [
+    "crs:sample_ratio=1.0", "bernoulli_crs:sample_ratio=1.0", "topk:sample_ratio=1.0",
+    "forward_sampling:sample_ratio=1.0", "grad_prune:sparsity=0.0",
+    "crs", "bernoulli_crs", "topk", "forward_sampling", "grad_prune", "patch_grad", "relu_mask",
+    "crs:sample_ratio=0.25", "crs:grads=weight", "relu_mask+crs",
+]
 
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+class LayerTimer:
+    """Seconds of each Conv2d / Linear forward and backward, through module hooks.
+
+    The backward of a layer runs from the full-backward pre-hook (the gradient of its output
+    is ready) to the full-backward hook (the gradient of its input is done). A layer whose
+    input needs no gradient (the stem) fires no backward hook; its backward is not timed.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.forward: dict[str, list[float]] = {}
+        self.backward: dict[str, list[float]] = {}
+        self._t0: dict[tuple[str, str], float] = {}
+        self._handles = []
+        for name, module in model.named_modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                self._handles += [
+                    module.register_forward_pre_hook(self._start(name, "fwd")),
+                    module.register_forward_hook(self._stop(name, "fwd", self.forward)),
+                    module.register_full_backward_pre_hook(self._start(name, "bwd")),
+                    module.register_full_backward_hook(self._stop(name, "bwd", self.backward)),
+                ]
+
+    def _start(self, name: str, part: str):
+        def hook(*_):
+            self._t0[(name, part)] = time.perf_counter()
+        return hook
+
+    def _stop(self, name: str, part: str, into: dict[str, list[float]]):
+        def hook(*_):
+            t0 = self._t0.pop((name, part), None)
+            if t0 is not None:
+                into.setdefault(name, []).append(time.perf_counter() - t0)
+        return hook
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def medians(self) -> dict[str, dict[str, float]]:
+        return {name: {"forward": statistics.median(ts),
+                       "backward": statistics.median(self.backward[name]) if name in self.backward else None}
+                for name, ts in self.forward.items()}
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+               loss_fn: nn.Module, device: torch.device) -> tuple[float, float, float, float]:
+    """One step; returns its forward, backward, optimizer and computed-work fractions."""
+    model.train()
+    for site in patched_sites(model):
+        site.work.reset()
+    sync(device)
+    t0 = time.perf_counter()
+    loss = loss_fn(model(x), y)
+    sync(device)
+    t1 = time.perf_counter()
+    loss.backward()
+    sync(device)
+    t2 = time.perf_counter()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    sync(device)
+    t3 = time.perf_counter()
+    sites = patched_sites(model)
+    exact = sum(s.work.exact for s in sites)
+    work = sum(s.work.computed for s in sites) / exact if exact else 1.0
+    return t1 - t0, t2 - t1, t3 - t2, work
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -56,30 +138,21 @@ def run(args: argparse.Namespace) -> dict:
     loss_fn = nn.CrossEntropyLoss()
     for round_ in range(args.warmup + args.steps):
         for key, (model, _) in variants.items():
-            model.train()
-            for site in patched_sites(model):
-                site.work.reset()
-            sync(device)
-            t0 = time.perf_counter()
-            loss = loss_fn(model(x), y)
-            sync(device)
-            t1 = time.perf_counter()
-            loss.backward()
-            sync(device)
-            t2 = time.perf_counter()
-            optimizers[key].step()
-            optimizers[key].zero_grad(set_to_none=True)
-            sync(device)
-            t3 = time.perf_counter()
+            fwd, bwd, opt, work = train_step(model, optimizers[key], x, y, loss_fn, device)
             if round_ >= args.warmup:
                 rec = times[key]
-                rec["forward"].append(t1 - t0)
-                rec["backward"].append(t2 - t1)
-                rec["optimizer"].append(t3 - t2)
-                rec["step"].append(t3 - t0)
-                sites = patched_sites(model)
-                exact = sum(s.work.exact for s in sites)
-                rec["work"].append(sum(s.work.computed for s in sites) / exact if exact else 1.0)
+                for part, value in (("forward", fwd), ("backward", bwd), ("optimizer", opt),
+                                    ("step", fwd + bwd + opt), ("work", work)):
+                    rec[part].append(value)
+    layers = {}
+    if args.layer_steps:
+        timers = {key: LayerTimer(model) for key, (model, _) in variants.items()}
+        for _ in range(args.layer_steps):
+            for key, (model, _) in variants.items():
+                train_step(model, optimizers[key], x, y, loss_fn, device)
+        for key, timer in timers.items():
+            timer.remove()
+            layers[key] = timer.medians()
     medians = {k: {part: statistics.median(v) for part, v in rec.items()} for k, rec in times.items()}
     return {
         "benchmark": "step_time",
@@ -87,8 +160,8 @@ def run(args: argparse.Namespace) -> dict:
         "memory_format": "channels_last" if args.channels_last else "contiguous",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "threads": torch.get_num_threads(), "torch": torch.__version__, "date": date.today().isoformat(),
-        "steps": args.steps, "warmup": args.warmup, "command": " ".join(sys.argv),
-        "medians": medians,
+        "steps": args.steps, "warmup": args.warmup, "layer_steps": args.layer_steps,
+        "command": " ".join(["python", *sys.argv]), "medians": medians, "layers": layers,
     }
 
 
@@ -109,6 +182,23 @@ def table(result: dict, reference: dict | None = None) -> str:
     return "\n".join(lines)
 
 
+def layer_table(result: dict, variant: str) -> str:
+    """Per-layer forward and backward of ``variant`` against exact (milliseconds, hook-timed)."""
+    exact, approx = result["layers"]["exact"], result["layers"][variant]
+    lines = [f"| layer | exact fwd | exact bwd | {variant} fwd | {variant} bwd | bwd / exact |",
+             "|---|---|---|---|---|---|"]
+
+    def ms(v: float | None) -> str:
+        return "-" if v is None else f"{1e3 * v:.2f}"
+
+    for name, ex in exact.items():
+        ap = approx.get(name, {"forward": None, "backward": None})
+        ratio = f"{ap['backward'] / ex['backward']:.2f}" if ap["backward"] and ex["backward"] else "-"
+        lines.append(f"| {name} | {ms(ex['forward'])} | {ms(ex['backward'])} | {ms(ap['forward'])} | "
+                     f"{ms(ap['backward'])} | {ratio} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="resnet20")
@@ -118,18 +208,30 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--channels-last", action="store_true", help="model and input in channels-last memory format")
     p.add_argument("--variants", nargs="*", default=DEFAULT_VARIANTS,
-                   help="method[:key=value,...], several joined by '+'")
+                   help="method[:key=value,...], several joined by '+'; 'all': every method (exact and default "
+                        "settings)")
     p.add_argument("--steps", type=int, default=30, help="timed rounds (median over them)")
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--layer-steps", type=int, default=5, help="extra hook-timed rounds for the per-layer table")
+    p.add_argument("--layers-of", nargs="*", default=None,
+                   help="variants whose per-layer table is printed (default: the first approximate one)")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all of the machine's)")
     p.add_argument("--json", type=Path, help="write the result here")
     p.add_argument("--compare", type=Path, help="a saved result to compare step times against")
     args = p.parse_args(argv)
+    if args.variants == ["all"]:
+        args.variants = ALL_VARIANTS
+    torch.set_num_threads(args.threads)
     result = run(args)
     reference = json.loads(args.compare.read_text()) if args.compare else None
     print(f"{result['model']}, batch {result['batch_size']}, {result['memory_format']}, {result['device']}, "
           f"{result['threads']} threads, "
           f"torch {result['torch']}, median of {result['steps']} steps after {result['warmup']} warm-up")
     print(table(result, reference))
+    if result["layers"]:
+        for variant in args.layers_of if args.layers_of is not None else args.variants[:1]:
+            print(f"\nPer layer, {variant} (median of {args.layer_steps} hook-timed rounds, ms):")
+            print(layer_table(result, variant))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))
