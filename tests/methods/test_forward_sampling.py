@@ -117,6 +117,22 @@ def test_conv_gradients_reach_only_sampled_channels(selection):
         assert set(touched_w.nonzero().flatten().tolist()) == set(scores.topk(2).indices.tolist())
 
 
+@pytest.mark.parametrize("groups", [1, 2])
+def test_channels_last_gives_the_same_op_and_keeps_the_layout(groups):
+    torch.manual_seed(0)
+    layer = nn.Conv2d(8, 6, 3, padding=1, groups=groups).double()
+    approximate(layer, ForwardSampling(0.5), exclude=None)
+    x = _uneven_input(3, 8, 6, 6)
+    dy = torch.randn(3, 6, 6, 6, dtype=torch.float64)
+    contiguous = _grads(layer, x, dy)
+    y = layer(x.contiguous(memory_format=torch.channels_last))
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    channels_last = _grads(layer, x.contiguous(memory_format=torch.channels_last),
+                           dy.contiguous(memory_format=torch.channels_last))
+    for a, b in zip(contiguous, channels_last, strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_grouped_conv_samples_within_each_group():
     layer = nn.Conv2d(8, 6, 3, padding=1, groups=2).double()
     x = _uneven_input(2, 8, 5, 5)
