@@ -80,23 +80,18 @@ def test_products_run_on_gathered_tensors(monkeypatch):
     import lightning_approx.methods.pipeline as pipeline
 
     seen = []
-    real_w, real_x = pipeline.conv2d_grad_weight, pipeline.conv2d_grad_input
+    real = pipeline.conv2d_grads
 
-    def spy_w(geom, x, weight, dy):
-        seen.append(("w", tuple(x.shape[:2]), tuple(weight.shape[:2]), dy.shape[0]))
-        return real_w(geom, x, weight, dy)
+    def spy(geom, x, weight, dy):  # both products exact: the pipeline makes one fused call
+        seen.append((tuple(x.shape[:2]), tuple(weight.shape[:2]), dy.shape[0]))
+        return real(geom, x, weight, dy)
 
-    def spy_x(geom, x, weight, dy):
-        seen.append(("x", tuple(x.shape[:2]), tuple(weight.shape[:2]), dy.shape[0]))
-        return real_x(geom, x, weight, dy)
-
-    monkeypatch.setattr(pipeline, "conv2d_grad_weight", spy_w)
-    monkeypatch.setattr(pipeline, "conv2d_grad_input", spy_x)
+    monkeypatch.setattr(pipeline, "conv2d_grads", spy)
     layer = nn.Conv2d(6, 5, 3, padding=1).double()
     approximate(layer, "relu_mask", exclude=None)
     z = _relu_input().requires_grad_(True)
     layer(torch.relu(z)).sum().backward()
-    assert seen == [("x", (3, 4), (5, 4), 3), ("w", (3, 4), (5, 4), 3)]
+    assert seen == [((3, 4), (5, 4), 3)]
 
 
 def test_network_gradients_equal_dense():
