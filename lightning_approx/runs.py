@@ -1,0 +1,162 @@
+"""Runs: one fit followed by a test, summarised as a :class:`~lightning_approx.summary.RunResult`,
+and the exact-then-approximate comparison that the CLI and every example script print.
+
+The pieces the example scripts share live here too (their common flags and their
+``compare`` / ``exact`` / ``approx`` loop), so ``examples/cifar10.py`` and
+``examples/imagenet.py`` only say how to build their model and data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities.model_helpers import is_overridden
+
+from lightning_approx.callbacks import ApproxBackward, KernelRescaling
+from lightning_approx.errors import ConfigError
+from lightning_approx.methods import parse_spec, spec_label
+from lightning_approx.summary import RunResult, RunSummary, format_table
+
+__all__ = ["APPROXIMATIONS", "MODES", "add_run_arguments", "approx_callbacks", "count_or_fraction", "example_trainer",
+           "fit_and_test", "run_modes", "run_name", "without_approximations"]
+
+# The callbacks that make a run approximate; an exact run is the same run without them.
+APPROXIMATIONS = (ApproxBackward, KernelRescaling)
+MODES = ("compare", "exact", "approx")
+
+
+def run_name(callbacks: Iterable[pl.Callback]) -> str:
+    """A table label for a run: its approximations' names joined by ``+``, or ``"exact"``."""
+    names = []
+    for cb in callbacks:
+        if isinstance(cb, ApproxBackward):
+            names.append("+".join(m.name for m in cb.pipeline.methods))
+        elif isinstance(cb, KernelRescaling):
+            names.append("kernel_rescaling")
+    return "+".join(names) or "exact"
+
+
+def without_approximations(callbacks: Iterable[pl.Callback]) -> list[pl.Callback]:
+    """``callbacks`` less every :data:`APPROXIMATIONS` instance (what the exact baseline keeps)."""
+    return [cb for cb in callbacks if not isinstance(cb, APPROXIMATIONS)]
+
+
+def fit_and_test(trainer: pl.Trainer, model: pl.LightningModule, datamodule: pl.LightningDataModule | None = None,
+                 name: str | None = None, test: bool = True, **fit_kwargs: Any) -> RunResult:
+    """Fits, then measures accuracy on the test set (the validation set when the data has no test set).
+
+    Args:
+        trainer: A Trainer with a :class:`~lightning_approx.summary.RunSummary` among its callbacks.
+        model: The module to fit (logs ``test/acc`` / ``val/acc``, as
+            :class:`~lightning_approx.classifier.ImageClassifier` does).
+        datamodule: The data.
+        name: Label of the run; default :func:`run_name` of the trainer's callbacks.
+        test: Evaluate after fit; ``False`` leaves ``test_acc`` at ``None`` (throughput runs).
+        **fit_kwargs: Passed to ``trainer.fit`` (``ckpt_path``).
+
+    Returns:
+        The run's figures.
+
+    Raises:
+        ConfigError: The trainer has no RunSummary callback.
+    """
+    summary = next((cb for cb in trainer.callbacks if isinstance(cb, RunSummary)), None)
+    if summary is None:
+        raise ConfigError("trainer.callbacks", [type(cb).__name__ for cb in trainer.callbacks],
+                          "has no RunSummary, which times the run", "add lightning_approx.summary.RunSummary()")
+    trainer.fit(model, datamodule=datamodule, **fit_kwargs)
+    acc = None
+    if test and datamodule is not None and not trainer.interrupted:
+        if is_overridden("test_dataloader", datamodule):
+            acc = trainer.test(model, datamodule=datamodule, verbose=False)[0].get("test/acc")
+        else:
+            acc = trainer.validate(model, datamodule=datamodule, verbose=False)[0].get("val/acc")
+    return summary.result(name or run_name(trainer.callbacks), trainer,
+                          test_acc=None if acc is None else float(acc))
+
+
+# --- the example scripts' shared flags and loop ------------------------------------------------
+
+
+def count_or_fraction(text: str) -> int | float:
+    """``"10"`` -> 10 batches, ``"0.25"`` -> a quarter of them (Lightning's ``limit_*_batches``)."""
+    value = float(text)
+    return int(value) if value.is_integer() and "." not in text else value
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, *, epochs: int, batch_size: int, lr: float = 0.1,
+                      method: str = "crs:sample_ratio=0.5") -> None:
+    """Adds the flags every example script has: mode, method, schedule of the fit, seed, output."""
+    parser.add_argument("mode", nargs="?", default="compare", choices=MODES,
+                        help="compare: exact then approximate with the same seed (default)")
+    parser.add_argument("--method", default=method,
+                        help="method[:key=value,...], several joined by '+' (see lightning_approx.METHODS)")
+    parser.add_argument("--epochs", type=int, default=epochs)
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--lr", type=float, default=lr)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--limit-train-batches", type=count_or_fraction, default=1.0,
+                        help="batches per epoch: a count (10) or a fraction (0.25)")
+    parser.add_argument("--limit-eval-batches", type=count_or_fraction, default=1.0,
+                        help="validation and test batches: a count or a fraction")
+    parser.add_argument("--val-every", type=int, default=0, help="validate every N epochs (0: only at the end)")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--progress", action="store_true", help="show a progress bar")
+
+
+def approx_callbacks(method: str | None, seed: int) -> tuple[list[pl.Callback], str]:
+    """The callbacks of one run and its label: none and ``"exact"`` for ``None``, else an
+    :class:`~lightning_approx.ApproxBackward` built from the short spec (``"crs:sample_ratio=0.5"``)."""
+    if method is None:
+        return [], "exact"
+    configs = parse_spec(method)
+    return [ApproxBackward(configs, seed=seed)], spec_label(configs)
+
+
+def example_trainer(args: argparse.Namespace, callbacks: Sequence[pl.Callback], **kwargs: Any) -> pl.Trainer:
+    """The Trainer of an example run: one device, no logger or checkpoints, a RunSummary, and
+    validation only at the end unless ``--val-every`` asks for more."""
+    defaults: dict[str, Any] = {
+        "max_epochs": args.epochs, "accelerator": "auto", "devices": 1, "logger": False,
+        "enable_checkpointing": False, "enable_progress_bar": args.progress, "enable_model_summary": False,
+        "limit_train_batches": args.limit_train_batches, "limit_val_batches": args.limit_eval_batches,
+        "limit_test_batches": args.limit_eval_batches, "num_sanity_val_steps": 0,
+        "check_val_every_n_epoch": args.val_every or max(1, args.epochs),
+    }
+    return pl.Trainer(callbacks=[RunSummary(), *callbacks], **{**defaults, **kwargs})
+
+
+def run_modes(args: argparse.Namespace, build: Callable[[], tuple[pl.LightningModule, pl.LightningDataModule]],
+              title: str, test: bool = True, **trainer_kwargs: Any) -> list[RunResult]:
+    """Runs ``args.mode`` (exact, approx, or both with the same seed) and prints one table.
+
+    Args:
+        args: Parsed flags of :func:`add_run_arguments`.
+        build: Returns a fresh ``(model, datamodule)``; called once per run, after seeding.
+        title: First line printed above the table.
+        test: Measure accuracy after each fit.
+        **trainer_kwargs: Overrides of :func:`example_trainer`'s settings (``precision``).
+
+    Returns:
+        The results, exact first in ``compare`` mode.
+    """
+    methods = {"compare": [None, args.method], "exact": [None], "approx": [args.method]}[args.mode]
+    results = []
+    for method in methods:
+        pl.seed_everything(args.seed, workers=True, verbose=False)
+        callbacks, name = approx_callbacks(method, args.seed)
+        model, data = build()
+        results.append(fit_and_test(example_trainer(args, callbacks, **trainer_kwargs), model, data, name, test))
+        acc = results[-1].test_acc
+        print(f"finished {name}" + ("" if acc is None else f": test acc {100 * acc:.2f}%"), file=sys.stderr)
+    print(f"\n{title}")
+    print(format_table(results, baseline="exact" if args.mode == "compare" else None))
+    if args.json:
+        args.json.write_text(json.dumps([r.to_dict() for r in results], indent=2))
+    return results

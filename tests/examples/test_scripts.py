@@ -1,0 +1,77 @@
+"""examples/cifar10.py and examples/imagenet.py: their modes, tables, data folders and errors."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from tests.examples.conftest import load_example
+
+LAYOUT = "expected <data_dir>/train/<class>/*.JPEG and <data_dir>/val/<class>/*.JPEG"
+
+
+@pytest.fixture(scope="module")
+def cifar10():
+    return load_example("cifar10")
+
+
+@pytest.fixture(scope="module")
+def imagenet():
+    return load_example("imagenet")
+
+
+def test_cifar10_compare(cifar10, capsys):
+    results = cifar10.main(["compare", "--epochs", "1", "--limit-train-batches", "2", "--batch-size", "32",
+                             "--limit-eval-batches", "2"])
+    assert [r.name for r in results] == ["exact", "crs:sample_ratio=0.5"]
+    assert results[0].backward_work == 1.0 and results[1].backward_work == pytest.approx(0.5, abs=0.05)
+    assert all(r.test_acc is not None for r in results)
+    out = capsys.readouterr().out
+    assert "CIFAR-10 (cifar10-subset), resnet20, batch 32" in out and "step / exact" in out
+
+
+def test_cifar10_defaults_are_the_quickstart(cifar10):
+    args = cifar10.parse_args([])
+    assert (args.mode, args.model, args.method, args.epochs, args.batch_size) == \
+        ("compare", "resnet20", "crs:sample_ratio=0.5", 8, 128)
+    assert args.data_dir == cifar10.DEFAULT_DATA and args.limit_train_batches == 1.0
+    assert cifar10.parse_args(["--limit-train-batches", "10"]).limit_train_batches == 10
+
+
+def test_imagenet_on_a_jpeg_folder(imagenet, jpeg_folder, capsys):
+    results = imagenet.main(["compare", "--data-dir", str(jpeg_folder), "--image-size", "32", "--batch-size", "4",
+                             "--num-workers", "1", "--model", "resnet18"])
+    assert [r.name for r in results] == ["exact", "crs:sample_ratio=0.5"]
+    assert all(r.test_acc is not None and r.images_per_s > 0 for r in results)
+    out = capsys.readouterr().out
+    assert f"ImageNet ({jpeg_folder}), resnet18, 32px, batch 4" in out and "precision 32-true, CPU" in out
+
+
+def test_imagenet_synthetic_throughput(imagenet, capsys):
+    (result,) = imagenet.main(["approx", "--synthetic", "--image-size", "32", "--batch-size", "4",
+                               "--limit-train-batches", "2", "--synthetic-size", "16", "--num-workers", "0",
+                               "--precision", "bf16-mixed", "--method", "relu_mask"])
+    assert result.name == "relu_mask" and result.test_acc is None and result.images_per_s > 0
+    out = capsys.readouterr().out
+    assert "ImageNet (synthetic)" in out and "precision bf16-mixed" in out and "images/s" in out
+
+
+@pytest.mark.parametrize("problem", ["missing", "no_val", "no_data_dir"])
+def test_imagenet_bad_folder_gives_one_clear_message(imagenet, jpeg_folder, tmp_path, capsys, problem):
+    if problem == "missing":
+        args = ["--data-dir", str(tmp_path / "nowhere")]
+    elif problem == "no_val":
+        shutil.copytree(jpeg_folder / "train", tmp_path / "train")
+        args = ["--data-dir", str(tmp_path)]
+    else:
+        args = []
+    with pytest.raises(SystemExit) as exit_:
+        imagenet.main(["exact", *args])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("imagenet.py: error: data_dir=") and "Fix:" in err
+    if problem != "no_data_dir":
+        assert LAYOUT in err
+    if problem == "no_val":
+        assert "has no val/ folder" in err
