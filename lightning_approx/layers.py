@@ -21,6 +21,7 @@ from torch.autograd.function import once_differentiable
 from lightning_approx.methods.pipeline import Pipeline
 from lightning_approx.ops.accounting import WorkCounter
 from lightning_approx.ops.conv import ConvGeometry
+from lightning_approx.ops.layout import is_channels_last
 
 
 @dataclass(eq=False)
@@ -69,7 +70,7 @@ class LayerSite:
 
 def _like(dy: Tensor, x: Tensor) -> Tensor:
     """``dy`` made dense in ``x``'s memory format: oneDNN converts mixed layouts on every call."""
-    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+    if is_channels_last(x):
         return dy.contiguous(memory_format=torch.channels_last)
     return dy.contiguous()
 

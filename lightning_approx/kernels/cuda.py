@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from lightning_approx.kernels import loader
+from lightning_approx.ops.layout import is_channels_last
 
 if TYPE_CHECKING:
     from lightning_approx.ops.conv import ConvGeometry
@@ -98,10 +99,6 @@ def _wave(file: str, name: str, device: int, threads: int = THREADS) -> int:
     return _sms(device) * _resident(file, name, device, threads)
 
 
-def _channels_last(t: Tensor) -> bool:
-    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
-
-
 def _empty(shape: Sequence[int], dtype: torch.dtype, device: torch.device,
            memory_format: torch.memory_format = torch.contiguous_format) -> Tensor:
     """Allocates a result the kernels write in full (the tests poison it to prove they do)."""
@@ -121,12 +118,12 @@ def _plane_reduce(op: str, t: Tensor, out0: Tensor, out1: Tensor | None = None, 
     suffix, vec = _SUFFIX[t.dtype], _VEC[t.dtype]
     n = t.shape[0]
     if not planes:  # per sample: one contiguous row per sample in both memory formats
-        x = t if (t.is_contiguous() or _channels_last(t)) else t.contiguous()
+        x = t if (t.is_contiguous() or is_channels_last(t)) else t.contiguous()
         scheme, rows, length = "rows", n, x.numel() // max(n, 1)
     elif t.dim() == 2:  # (N, C): channels innermost, planes of one element
         x = t.contiguous()
         scheme, c, length = "cols", t.shape[1], 1
-    elif _channels_last(t):
+    elif is_channels_last(t):
         x = t
         scheme, c, length = "cols", t.shape[1], t.shape[2] * t.shape[3]
     else:
@@ -229,7 +226,7 @@ def gather_scale(t: Tensor, idx: Tensor, scale: Tensor | None, dim: int) -> Tens
     """``t.index_select(dim, idx) * scale.to(t.dtype)`` (scale along ``dim``) in one pass, in
     ``t``'s memory format (contiguous or channels-last); ``scale=None`` only gathers."""
     dim = dim % t.dim()
-    if _channels_last(t):
+    if is_channels_last(t):
         order, fmt = (0, 2, 3, 1), torch.channels_last
     else:
         t = t.contiguous()
@@ -286,8 +283,8 @@ def stochastic_prune(g: Tensor, sparsity: float, generator: torch.Generator | in
         ``(pruned, nnz)``: the pruned tensor and its number of non-zeros as a 0-d int64 tensor
         on ``g``'s device (reading it as an int synchronises; the reference returns an int).
     """
-    x = g if (g.is_contiguous() or _channels_last(g)) else g.contiguous()
-    out = _empty(x.shape, x.dtype, x.device, torch.channels_last if _channels_last(x) else torch.contiguous_format)
+    x = g if (g.is_contiguous() or is_channels_last(g)) else g.contiguous()
+    out = _empty(x.shape, x.dtype, x.device, torch.channels_last if is_channels_last(x) else torch.contiguous_format)
     nnz = torch.zeros((), dtype=torch.int64, device=g.device)
     n = x.numel()
     if n == 0:
@@ -403,9 +400,9 @@ def patch_accumulate(x: Tensor, pos: Tensor, sums: Tensor, weight_shape: Sequenc
         groups: Conv groups.
         memory_format: Of the result (``torch.channels_last`` to match a channels-last weight).
     """
-    if not (x.is_contiguous() or _channels_last(x)):
+    if not (x.is_contiguous() or is_channels_last(x)):
         x = x.contiguous()
-    x_cl = int(_channels_last(x))
+    x_cl = int(is_channels_last(x))
     cout, cin_g, kh, kw = (int(v) for v in weight_shape)
     n, cin, h, w = x.shape
     ho, wo = (int(v) for v in out_hw)

@@ -125,6 +125,12 @@ class Method:
         args = ", ".join(f"{k}={v!r}" for k, v in {**shown, **self.options()}.items())
         return f"{type(self).__name__}({args})"
 
+    def replaces(self, site: LayerSite, weight: Tensor) -> bool:
+        """Whether this method computes its ``grad_input`` / ``grad_weight`` stages at this
+        layer; ``False`` lets the pipeline run them exactly, fused with the other product.
+        Override when a method approximates only some layers (``patch_grad``)."""
+        return True
+
     # --- the stages (override those in ``stages``) -------------------------------------
     def conv2d_grad_output(self, site: LayerSite, dy: Tensor) -> Tensor:
         raise NotImplementedError  # abstract: only called for methods claiming "grad_output"

@@ -57,6 +57,9 @@ class PatchGrad(Method):
         kh, kw = weight.shape[2:]
         return site.index % self.every == 0 and min(kh, kw) >= self.min_kernel
 
+    def replaces(self, site: LayerSite, weight: Tensor) -> bool:
+        return weight.dim() == 4 and self.selects(site, weight)  # Linear weight gradients stay exact
+
     def conv2d_grad_weight(self, site: LayerSite, x: Tensor, weight: Tensor, dy: Tensor) -> tuple[Tensor, int]:
         geom = site.geometry
         macs = geom.macs(x.shape, weight, dy.shape)

@@ -147,7 +147,10 @@ class Pipeline:
                   need_w: bool) -> tuple[Tensor | None, Tensor | None, int]:
         """The two products, each by the method claiming its stage or exactly."""
         macs = op.macs(site, x, weight, dy)  # of the (possibly restricted) tensors
-        if need_x and need_w and not (self.by_stage.keys() & {"grad_input", "grad_weight"}):
+        # The stages a method computes at this layer; the others run exactly.
+        claimed = {stage: m for stage in ("grad_input", "grad_weight")
+                   if (m := self.by_stage.get(stage)) is not None and m.replaces(site, weight)}
+        if need_x and need_w and not claimed:
             # Both products exact: one fused call (oneDNN's fused conv backward beats the two halves).
             grad_x, grad_w = op.grad_both(site, x, weight, dy)
             return grad_x, grad_w, 2 * macs
@@ -157,7 +160,7 @@ class Pipeline:
                                                     (need_w, "grad_weight", op.grad_weight))):
             if not needed:
                 continue
-            method = self.by_stage.get(stage)
+            method = claimed.get(stage)
             if method is None:
                 grads[i], done = exact(site, x, weight, dy), macs
             else:

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lightning_approx.ops.layout import is_channels_last
+
 __all__ = ["LiveSlices", "find_live", "is_relu_output", "plane_nonzeros"]
 
 
@@ -159,7 +161,7 @@ def plane_nonzeros(x: Tensor) -> Tensor:
     """
     n, c = x.shape[0], x.shape[1]
     acc = torch.promote_types(x.dtype, torch.float32)
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+    if is_channels_last(x):
         planes = x.permute(0, 2, 3, 1).reshape(n, -1, c)  # (N, H*W, C) view: no copy to NCHW
         counts = planes.abs().clamp_max_(1).ceil_().sum(1, dtype=acc)
     else:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lightning_approx.ops.layout import is_channels_last
+
 
 def _acc(t: Tensor) -> torch.dtype:
     """Accumulation dtype: at least float32 (half-precision sums lose the small planes)."""
@@ -19,7 +21,7 @@ def _acc(t: Tensor) -> torch.dtype:
 
 def _nhwc_view(t: Tensor) -> Tensor | None:
     """(N, H, W, C) view of a channels-last 4-d tensor, else None."""
-    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+    if is_channels_last(t):
         return t.permute(0, 2, 3, 1)
     return None
 
