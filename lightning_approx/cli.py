@@ -9,8 +9,8 @@ After ``fit`` it tests the model (or validates it, when the data has no test set
 one :func:`~lightning_approx.summary.format_table` row: wall-clock, step time, images/s, test
 accuracy, backward work. With ``--compare true`` it first fits the same config exact (without
 its :class:`~lightning_approx.ApproxBackward` and :class:`~lightning_approx.KernelRescaling`
-callbacks; the strategy and everything else are kept) from the same seed, and the table adds
-the step-time and wall-clock ratios to that exact run.
+callbacks, and with an ApproxDDPStrategy sending dense gradients; everything else is kept)
+from the same seed, and the table adds the step-time and wall-clock ratios to that exact run.
 
 The progress bar is Lightning's ``RichProgressBar`` (``rich`` is a dependency of this package);
 ``--trainer.enable_progress_bar false`` turns it off.
@@ -29,7 +29,7 @@ from typing_extensions import override
 
 from lightning_approx.classifier import ImageClassifier
 from lightning_approx.errors import ConfigError
-from lightning_approx.runs import fit_and_test, without_approximations
+from lightning_approx.runs import fit_and_test, make_exact
 from lightning_approx.summary import RunResult, RunSummary, format_table
 
 _RICH = RequirementCache("rich>=10.2.2")  # what Lightning's RichProgressBar needs
@@ -76,7 +76,7 @@ class ApproxCLI(LightningCLI):
                 pl.seed_everything(seed, workers=True, verbose=False)
                 self.instantiate_classes()
                 if exact:
-                    self.trainer.callbacks = without_approximations(self.trainer.callbacks)
+                    make_exact(self.trainer)
                 self.results.append(fit_and_test(self.trainer, self.model, self.datamodule,
                                                  "exact" if exact else None, test, **kwargs))
         else:

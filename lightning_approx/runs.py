@@ -24,7 +24,7 @@ from lightning_approx.methods import parse_spec, spec_label
 from lightning_approx.summary import RunResult, RunSummary, format_table
 
 __all__ = ["APPROXIMATIONS", "MODES", "add_run_arguments", "approx_callbacks", "count_or_fraction", "example_trainer",
-           "fit_and_test", "run_modes", "run_name", "without_approximations"]
+           "fit_and_test", "make_exact", "run_modes", "run_name", "without_approximations"]
 
 # The callbacks that make a run approximate; an exact run is the same run without them.
 APPROXIMATIONS = (ApproxBackward, KernelRescaling)
@@ -40,6 +40,16 @@ def run_name(callbacks: Iterable[pl.Callback]) -> str:
         elif isinstance(cb, KernelRescaling):
             names.append("kernel_rescaling")
     return "+".join(names) or "exact"
+
+
+def make_exact(trainer: pl.Trainer) -> None:
+    """Makes ``trainer`` the exact baseline of a comparison: drops its :data:`APPROXIMATIONS`
+    callbacks and, with an :class:`~lightning_approx.ApproxDDPStrategy`, sends dense gradients."""
+    from lightning_approx.strategies import ApproxDDPStrategy
+
+    trainer.callbacks = without_approximations(trainer.callbacks)
+    if isinstance(trainer.strategy, ApproxDDPStrategy):
+        trainer.strategy.use_dense()
 
 
 def without_approximations(callbacks: Iterable[pl.Callback]) -> list[pl.Callback]:

@@ -203,6 +203,11 @@ class ApproxDDPStrategy(DDPStrategy):
         """Bytes all-reduced by this rank so far (over resumes), and what plain DDP would have sent."""
         return CommTotals(self._totals.sent, self._totals.dense, self._totals.syncs)
 
+    def use_dense(self) -> None:
+        """Switches to ``comm="dense"`` (what plain DDP sends), e.g. for the exact baseline of a
+        comparison; call before ``fit``."""
+        self.comm, self.comm_ratio, self._mode = "dense", None, "dense"
+
     @override
     def configure_ddp(self) -> None:
         self._comm_state = self._build_comm_state()

@@ -80,3 +80,16 @@ def test_compare_needs_a_seed(tmp_path, capsys):
             "--seed_everything", "false"]
     assert main(args) == 2
     assert "seed_everything=False" in capsys.readouterr().err
+
+
+def test_the_exact_baseline_also_communicates_exactly():
+    import lightning.pytorch as pl
+
+    from lightning_approx import ApproxBackward, ApproxDDPStrategy
+    from lightning_approx.runs import make_exact
+
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, callbacks=[ApproxBackward("crs")],
+                         strategy=ApproxDDPStrategy(comm="sampled", comm_ratio=0.5))
+    make_exact(trainer)
+    assert not any(isinstance(cb, ApproxBackward) for cb in trainer.callbacks)
+    assert (trainer.strategy.comm, trainer.strategy.comm_ratio, trainer.strategy.comm_mode) == ("dense", None, "dense")
