@@ -21,6 +21,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning_approx.callbacks import ApproxBackward, KernelRescaling
 from lightning_approx.errors import ConfigError
 from lightning_approx.methods import parse_spec, spec_label
+from lightning_approx.strategies import ApproxDDPStrategy
 from lightning_approx.summary import RunResult, RunSummary, format_table
 
 __all__ = ["APPROXIMATIONS", "MODES", "add_run_arguments", "approx_callbacks", "count_or_fraction", "example_trainer",
@@ -45,8 +46,6 @@ def run_name(callbacks: Iterable[pl.Callback]) -> str:
 def make_exact(trainer: pl.Trainer) -> None:
     """Makes ``trainer`` the exact baseline of a comparison: drops its :data:`APPROXIMATIONS`
     callbacks and, with an :class:`~lightning_approx.ApproxDDPStrategy`, sends dense gradients."""
-    from lightning_approx.strategies import ApproxDDPStrategy
-
     trainer.callbacks = without_approximations(trainer.callbacks)
     if isinstance(trainer.strategy, ApproxDDPStrategy):
         trainer.strategy.use_dense()

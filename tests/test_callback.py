@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_approx import ApproxBackward, ConfigError
 from lightning_approx.layers import ApproxConv2d
 from lightning_approx.schedules import Linear
+from tests.logs import read_metrics_csv
 
 
 class TinyCNN(pl.LightningModule):
@@ -67,17 +68,8 @@ def test_fit_patches_during_training_and_leaves_exact_layers(tmp_path):
 
 
 def trainer_metrics(tmp_path) -> dict[str, list[float]]:
-    import csv
-
     (path,) = tmp_path.glob("lightning_logs/version_*/metrics.csv")
-    with open(path) as f:
-        rows = list(csv.DictReader(f))
-    out: dict[str, list[float]] = {}
-    for row in rows:
-        for k, v in row.items():
-            if v not in ("", None):
-                out.setdefault(k, []).append(float(v))
-    return out
+    return read_metrics_csv(path)
 
 
 def test_schedule_follows_fractional_epochs(tmp_path):

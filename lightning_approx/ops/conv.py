@@ -74,26 +74,23 @@ class ConvGeometry:
         return n * cout * ho * wo * cin_g * kh * kw
 
 
+def _backward(geom: ConvGeometry, x: Tensor, weight: Tensor, dy: Tensor,
+              mask: tuple[bool, bool, bool]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    return _aten.convolution_backward(
+        dy, x, weight, None, geom.stride, geom.padding, geom.dilation, False, (0, 0), geom.groups, mask)
+
+
 def conv2d_grad_input(geom: ConvGeometry, x: Tensor, weight: Tensor, dy: Tensor) -> Tensor:
     """dL/dx of a conv; ``weight`` and ``dy`` may hold a subset of the output channels."""
-    return _aten.convolution_backward(
-        dy, x, weight, None, geom.stride, geom.padding, geom.dilation, False, (0, 0), geom.groups,
-        (True, False, False),
-    )[0]
+    return _backward(geom, x, weight, dy, (True, False, False))[0]
 
 
 def conv2d_grad_weight(geom: ConvGeometry, x: Tensor, weight: Tensor, dy: Tensor) -> Tensor:
     """dL/dW of a conv; ``x`` and ``dy`` may hold a subset of the batch."""
-    return _aten.convolution_backward(
-        dy, x, weight, None, geom.stride, geom.padding, geom.dilation, False, (0, 0), geom.groups,
-        (False, True, False),
-    )[1]
+    return _backward(geom, x, weight, dy, (False, True, False))[1]
 
 
 def conv2d_grads(geom: ConvGeometry, x: Tensor, weight: Tensor, dy: Tensor) -> tuple[Tensor, Tensor]:
     """dL/dx and dL/dW of a conv from one fused call (cheaper than the two halves on CPU)."""
-    grad_x, grad_w, _ = _aten.convolution_backward(
-        dy, x, weight, None, geom.stride, geom.padding, geom.dilation, False, (0, 0), geom.groups,
-        (True, True, False),
-    )
+    grad_x, grad_w, _ = _backward(geom, x, weight, dy, (True, True, False))
     return grad_x, grad_w

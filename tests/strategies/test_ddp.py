@@ -9,7 +9,6 @@ ones.
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -20,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.logs import read_metrics_csv
 from tests.strategies.ddp_fits import Net
 
 SCRIPT = Path(__file__).with_name("ddp_fits.py")
@@ -48,14 +48,7 @@ def launch(runs: list[dict], out: Path) -> dict[str, list[dict]]:
 
 
 def logged(out: Path, name: str) -> dict[str, list[float]]:
-    with open(out / name / "metrics.csv") as f:
-        rows = list(csv.DictReader(f))
-    metrics: dict[str, list[float]] = {}
-    for row in rows:
-        for k, v in row.items():
-            if v not in ("", None):
-                metrics.setdefault(k, []).append(float(v))
-    return metrics
+    return read_metrics_csv(out / name / "metrics.csv")
 
 
 def assert_same_params(a: dict, b: dict) -> None:
