@@ -10,7 +10,8 @@ one :func:`~lightning_approx.summary.format_table` row: wall-clock, step time, i
 accuracy, backward work. With ``--compare true`` it first fits the same config exact (without
 its :class:`~lightning_approx.ApproxBackward` and :class:`~lightning_approx.KernelRescaling`
 callbacks, and with an ApproxDDPStrategy sending dense gradients; everything else is kept)
-from the same seed, and the table adds the step-time and wall-clock ratios to that exact run.
+from the same seed, and the table adds the step-time and wall-clock ratios to that exact run;
+``--exact true`` fits only that exact baseline.
 
 The progress bar is Lightning's ``RichProgressBar`` (``rich`` is a dependency of this package);
 ``--trainer.enable_progress_bar false`` turns it off.
@@ -49,14 +50,20 @@ class ApproxCLI(LightningCLI):
         parser.add_argument("--compare", type=bool, default=False,
                             help="fit: first fit the same config exact (no ApproxBackward / KernelRescaling "
                                  "callbacks) from the same seed, and print the step-time ratio to it")
+        parser.add_argument("--exact", type=bool, default=False,
+                            help="fit: the config's exact baseline alone (what --compare fits first)")
         parser.add_argument("--test", type=bool, default=True,
                             help="fit: test (or validate, without a test set) after fit, for the table's accuracy")
 
     @override
     def before_instantiate_classes(self) -> None:
-        if self.subcommand != "fit" and self._get(self.config, "compare"):
-            raise ConfigError("compare", True, f"only applies to fit, not {self.subcommand}",
-                              "drop --compare, or run `lightning-approx fit ... --compare true`")
+        for flag in ("exact", "compare"):
+            if self.subcommand != "fit" and self._get(self.config, flag):
+                raise ConfigError(flag, True, f"only applies to fit, not {self.subcommand}",
+                                  f"drop --{flag}, or run `lightning-approx fit ... --{flag} true`")
+        if self.subcommand == "fit" and self._get(self.config, "compare") and self._get(self.config, "exact"):
+            raise ConfigError("exact", True, "--compare already fits the exact baseline first",
+                              "drop --exact, or --compare to fit the exact baseline alone")
         if self.subcommand == "fit" and self._get(self.config, "compare") \
                 and self._get(self.config, "seed_everything") is False:
             raise ConfigError("seed_everything", False, "compare needs both runs to start from the same seed",
@@ -80,7 +87,11 @@ class ApproxCLI(LightningCLI):
                 self.results.append(fit_and_test(self.trainer, self.model, self.datamodule,
                                                  "exact" if exact else None, test, **kwargs))
         else:
-            self.results.append(fit_and_test(self.trainer, model, datamodule, test=test, **kwargs))
+            exact = self._get(self.config, "exact")
+            if exact:
+                make_exact(self.trainer)
+            self.results.append(fit_and_test(self.trainer, model, datamodule, "exact" if exact else None, test,
+                                             **kwargs))
 
     @override
     def after_fit(self) -> None:

@@ -31,6 +31,20 @@ def test_compare_starts_both_runs_from_the_same_seed(tmp_path):
     assert torch.isfinite(torch.tensor(first.step_time_s))
 
 
+def test_exact_fits_the_configs_baseline_alone(tmp_path):
+    args = tiny_args(CONFIGS / "cifar10_resnet20_crs.yaml", tmp_path)
+    exact_alone = build([*args, "--exact", "true"]).results
+    compared = build([*args, "--compare", "true"]).results
+    assert [r.name for r in exact_alone] == ["exact"] and exact_alone[0].backward_work == 1.0
+    assert exact_alone[0].test_acc == compared[0].test_acc  # the same baseline --compare fits first
+
+
+def test_exact_and_compare_together_are_refused(tmp_path, capsys):
+    args = [*tiny_args(CONFIGS / "cifar10_resnet20_crs.yaml", tmp_path), "--compare", "true", "--exact", "true"]
+    assert main(args) == 2
+    assert "exact=True: --compare already fits the exact baseline first" in capsys.readouterr().err
+
+
 def test_without_test_the_table_has_no_accuracy(tmp_path):
     cli = build([*tiny_args(CONFIGS / "cifar10_resnet20_exact.yaml", tmp_path), "--test", "false",
                  "--trainer.max_steps", "1"])

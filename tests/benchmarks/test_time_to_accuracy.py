@@ -1,0 +1,98 @@
+"""benchmarks/time_to_accuracy.py: a --configs comparison end to end on tiny runs, its table,
+JSON and plot, and the check that every config shares the exact baseline."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+
+import pytest
+
+from lightning_approx.errors import ConfigError
+from tests.conftest import CIFAR_SUBSET, REPO
+
+CONFIGS = REPO / "examples" / "configs"
+TINY = ["--set", "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+        "--trainer.limit_test_batches", "1", "--trainer.accelerator", "cpu", "--trainer.devices", "1",
+        "--data.init_args.data_dir", str(CIFAR_SUBSET), "--data.init_args.batch_size", "16"]
+
+
+@pytest.fixture(scope="module")
+def tta():
+    spec = importlib.util.spec_from_file_location("_bench_time_to_accuracy", REPO / "benchmarks" / "time_to_accuracy.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_configs_run_exact_then_each_recipe_per_seed(tta, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # anything Lightning writes by default lands here
+    configs = [CONFIGS / "cifar10_resnet20_crs.yaml", CONFIGS / "cifar10_resnet20_relu_mask.yaml"]
+    out = tta.main(["--seeds", "0", "1", "--configs", *map(str, configs), "--json", str(tmp_path / "tta.json"),
+                    "--plot", str(tmp_path / "tta.png"), *TINY])
+    assert [r["run"] for r in out["rows"]] == ["exact", "crs", "relu_mask"]
+    assert all(r["seeds"] == 2 for r in out["rows"])
+    runs = out["runs"]
+    # Validation after every epoch gives the accuracy-against-time curve; time only goes forward.
+    for r in (run for name in runs for run in runs[name]):
+        assert r["epochs"] == 2 and len(r["curve"]) == 2 and r["curve"][0][0] < r["curve"][1][0]
+    # The exact baseline computes everything; crs's schedule starts exact and lowers the ratio.
+    assert out["rows"][0]["backward_work"] == 1.0 and out["rows"][1]["backward_work"] < 1.0
+    # relu_mask is exact: the same accuracy as the exact run for every seed.
+    assert [r["test_acc"] for r in runs["relu_mask"]] == [r["test_acc"] for r in runs["exact"]]
+    assert json.loads((tmp_path / "tta.json").read_text())["rows"] == out["rows"]
+    assert (tmp_path / "tta.png").stat().st_size > 0
+    assert "| crs | 2 |" in capsys.readouterr().out
+
+
+def test_configs_that_differ_beyond_callbacks_are_refused(tta, tmp_path):
+    other = tmp_path / "cifar10_resnet20_other.yaml"
+    other.write_text((CONFIGS / "cifar10_resnet20_crs.yaml").read_text().replace("lr: 0.1", "lr: 0.05"))
+    with pytest.raises(ConfigError, match="differs from .* in more than trainer.callbacks"):
+        tta.main(["--seeds", "0", "--configs", str(CONFIGS / "cifar10_resnet20_crs.yaml"), str(other)])
+
+
+def test_the_exact_config_is_refused_as_a_recipe(tta):
+    with pytest.raises(ConfigError, match="row label 'exact' is taken"):
+        tta.main(["--seeds", "0", "--configs", str(CONFIGS / "cifar10_resnet20_exact.yaml")])
+
+
+def test_set_needs_configs(tta):
+    with pytest.raises(SystemExit):
+        tta.main(["--methods", "crs", "--set", "--trainer.max_epochs", "1"])
+
+
+def _saved(path, header, runs):
+    def result(name, acc, train_s, step_s):
+        return {"name": name, "epochs": 2, "wall_clock_s": train_s + 1.0, "step_time_s": step_s, "test_acc": acc,
+                "backward_work": 1.0 if name == "exact" else 0.5, "curve": [[train_s / 2, acc / 2], [train_s, acc]],
+                "images_per_s": 100.0}
+    path.write_text(json.dumps({"header": header, "runs": {
+        name: [result(name, *r) for r in rs] for name, rs in runs.items()}}))
+    return path
+
+
+def test_merge_keeps_each_files_ratios_to_its_own_exact_runs(tta, tmp_path, capsys):
+    a = _saved(tmp_path / "a.json", "A", {"exact": [(0.5, 10.0, 0.1), (0.6, 10.0, 0.1)],
+                                          "crs": [(0.5, 9.0, 0.09), (0.55, 9.0, 0.09)]})
+    # B ran on a machine twice as slow: its ratios still compare it with its own exact runs.
+    b = _saved(tmp_path / "b.json", "B", {"exact": [(0.5, 20.0, 0.2), (0.6, 20.0, 0.2)],
+                                          "grad_prune": [(0.5, 30.0, 0.3), (0.6, 30.0, 0.3)]})
+    out = tta.main(["--merge", str(a), str(b), "--plot", str(tmp_path / "merged.png")])
+    rows = {r["run"]: r for r in out["rows"]}
+    assert list(rows) == ["exact", "crs", "grad_prune"]
+    assert rows["crs"]["train_ratio"] == pytest.approx(0.9) and rows["crs"]["acc_delta"] == pytest.approx(-2.5)
+    assert rows["crs"]["meets"] is False  # faster, but 2.5 points below exact
+    assert rows["grad_prune"]["train_ratio"] == pytest.approx(1.5) and rows["grad_prune"]["meets"] is False
+    assert rows["exact"]["train_s"] == pytest.approx(10.0)
+    assert "b.json: exact test acc 50.00, 60.00 %, training 20.0 s" in capsys.readouterr().out
+    assert (tmp_path / "merged.png").stat().st_size > 0
+
+
+def test_merge_refuses_a_run_in_two_files(tta, tmp_path):
+    a = _saved(tmp_path / "a.json", "A", {"exact": [(0.5, 10.0, 0.1)], "crs": [(0.5, 9.0, 0.09)]})
+    b = _saved(tmp_path / "b.json", "B", {"exact": [(0.5, 10.0, 0.1)], "crs": [(0.5, 9.0, 0.09)]})
+    with pytest.raises(SystemExit, match="run 'crs' is in more than one file"):
+        tta.main(["--merge", str(a), str(b)])
