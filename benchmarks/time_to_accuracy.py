@@ -111,6 +111,11 @@ def run_methods(methods: list[str], seed: int, args: argparse.Namespace) -> list
     return results
 
 
+def train_s(r: RunResult) -> float:
+    """Training wall-clock of a run: the fit's, less its validation loops."""
+    return r.curve[-1][0] if r.curve else r.wall_clock_s
+
+
 def summarise(results: dict[str, list[RunResult]], tolerance: float = 1.0) -> list[dict]:
     """One row per run name: accuracy over seeds and time ratios to the ``"exact"`` runs.
 
@@ -118,10 +123,6 @@ def summarise(results: dict[str, list[RunResult]], tolerance: float = 1.0) -> li
     ``tolerance`` points of exact and less training wall-clock.
     """
     exact = results["exact"]
-
-    def train_s(r: RunResult) -> float:  # training wall-clock, validation loops excluded
-        return r.curve[-1][0] if r.curve else r.wall_clock_s
-
     base_train = statistics.mean(map(train_s, exact))
     base_wall = statistics.mean(r.wall_clock_s for r in exact)
     base_step = statistics.mean(r.step_time_s for r in exact)
@@ -130,12 +131,13 @@ def summarise(results: dict[str, list[RunResult]], tolerance: float = 1.0) -> li
     for name, runs in results.items():
         accs = [100 * r.test_acc for r in runs]
         delta = statistics.mean(accs) - base_acc
-        train_ratio = statistics.mean(map(train_s, runs)) / base_train
+        train = statistics.mean(map(train_s, runs))
+        train_ratio = train / base_train
         rows.append({
             "run": name, "seeds": len(runs),
             "acc_mean": statistics.mean(accs), "acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
             "acc_delta": delta,
-            "train_s": statistics.mean(map(train_s, runs)), "train_ratio": train_ratio,
+            "train_s": train, "train_ratio": train_ratio,
             "wall_ratio": statistics.mean(r.wall_clock_s for r in runs) / base_wall,
             "step_ratio": statistics.mean(r.step_time_s for r in runs) / base_step,
             "backward_work": statistics.mean(r.backward_work for r in runs),
@@ -175,7 +177,7 @@ def merge(paths: list[Path]) -> tuple[list[dict], dict[str, list[RunResult]], li
         runs = load(path)
         exact = runs["exact"]
         notes.append(f"{path}: exact test acc {', '.join(f'{100 * r.test_acc:.2f}' for r in exact)} %, "
-                     f"training {statistics.mean(r.curve[-1][0] for r in exact):.1f} s")
+                     f"training {statistics.mean(map(train_s, exact)):.1f} s")
         for row in summarise(runs):
             if row["run"] == "exact" and i:
                 continue
