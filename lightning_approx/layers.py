@@ -68,6 +68,17 @@ class LayerSite:
             self.generator(torch.device(dev)).set_state(state)
 
 
+def _autocast(x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The operands as autocast would give them to conv2d / linear (both run in its lower
+    precision): a custom autograd Function is not autocast, so its backward would otherwise
+    meet a low-precision ``x`` next to a float32 weight."""
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        return x, weight, bias
+    dtype = torch.get_autocast_dtype(device)
+    return x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+
+
 def _like(dy: Tensor, x: Tensor) -> Tensor:
     """``dy`` made dense in ``x``'s memory format: oneDNN converts mixed layouts on every call."""
     if is_channels_last(x):
@@ -146,7 +157,9 @@ class ApproxConv2d(nn.Conv2d):
         x = site.geometry.prepare_input(x)
         if pipeline.forward_method is not None:
             return pipeline.forward_method.conv2d_forward(site, x, self.weight, self.bias)
-        return _Conv2dFunction.apply(x, self.weight, self.bias, site, mask_context)
+        x, weight, bias = _autocast(x, self.weight, self.bias)
+        with torch.autocast(x.device.type, enabled=False):
+            return _Conv2dFunction.apply(x, weight, bias, site, mask_context)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, approx={self.approx_site.pipeline!r}"
@@ -167,7 +180,10 @@ class ApproxLinear(nn.Linear):
             return super().forward(x)
         if pipeline.forward_method is not None:
             return pipeline.forward_method.linear_forward(site, x, self.weight, self.bias)
-        return _LinearFunction.apply(x, self.weight, self.bias, site, pipeline.input_context(site, x))
+        mask_context = pipeline.input_context(site, x)
+        x, weight, bias = _autocast(x, self.weight, self.bias)
+        with torch.autocast(x.device.type, enabled=False):
+            return _LinearFunction.apply(x, weight, bias, site, mask_context)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, approx={self.approx_site.pipeline!r}"
