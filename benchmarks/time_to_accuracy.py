@@ -198,12 +198,14 @@ def plot(results: dict[str, list[RunResult]], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, runs in results.items():
+    for i, (name, runs) in enumerate(results.items()):
         curves = [r.curve for r in runs if r.curve]
         n = min(len(c) for c in curves)
         xs = [statistics.mean(c[i][0] for c in curves) for i in range(n)]
         ys = [100 * statistics.mean(c[i][1] for c in curves) for i in range(n)]
-        ax.plot(xs, ys, marker="o", markersize=3, label=name, linewidth=2 if name == "exact" else 1.2)
+        # dashed once the 10 default colours repeat, so every line stays distinguishable
+        ax.plot(xs, ys, marker="o", markersize=3, label=name, linewidth=2 if name == "exact" else 1.2,
+                linestyle="-" if i < 10 else "--")
     ax.set_xlabel("training wall-clock (s, validation excluded)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(textwrap.fill(title, 110), fontsize=7)
@@ -231,10 +233,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     if args.merge:
         rows, results, notes = merge(args.merge)
-        header = "merged: " + "; ".join(json.loads(path.read_text())["header"] for path in args.merge)
+        headers = [json.loads(path.read_text())["header"] for path in args.merge]
+        header = headers[0] if len(headers) == 1 else "merged: " + "; ".join(headers)
         print(header, *notes, table(rows), sep="\n")
         if args.plot:
-            plot(results, args.plot, "CIFAR-10 subset, " + ", ".join(path.stem for path in args.merge))
+            plot(results, args.plot, header)
         return {"header": header, "notes": notes, "rows": rows}
     if args.overrides and not args.configs:
         p.error("--set applies to --configs runs only")

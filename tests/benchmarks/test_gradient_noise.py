@@ -1,0 +1,41 @@
+"""benchmarks/gradient_noise.py: exact variants measure no noise, sampling ones do, and the SGD
+references sit beside them."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def noise():
+    spec = importlib.util.spec_from_file_location("_bench_gradient_noise", REPO / "benchmarks" / "gradient_noise.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_exact_settings_measure_no_noise_and_sampling_does(noise, tmp_path, capsys):
+    out = tmp_path / "noise.json"
+    result = noise.main(["--variants", "relu_mask", "crs:sample_ratio=1.0", "crs:sample_ratio=0.25",
+                         "--batch-size", "16", "--train-steps", "1", "--draws", "3", "--json", str(out)])
+    rows = result["rows"]
+    for exact in ("relu_mask", "crs:sample_ratio=1.0"):
+        assert rows[exact]["rel_err"] < 1e-4 and rows[exact]["cos"] > 0.9999, exact
+    sampled = rows["crs:sample_ratio=0.25"]
+    assert sampled["rel_err"] > 0.01 and sampled["cos"] < 1.0
+    for reference in (noise.HALF_BATCH, noise.OTHER_BATCH):
+        assert rows[reference]["rel_err"] > 0.01
+    assert json.loads(out.read_text())["rows"] == rows
+    assert "| crs:sample_ratio=0.25 |" in capsys.readouterr().out
+
+
+def test_fewer_than_two_draws_are_refused(noise):
+    with pytest.raises(SystemExit):
+        noise.main(["--draws", "1"])
