@@ -23,6 +23,8 @@ EXPECTED = {
     "cifar10_resnet20_patch_grad.yaml": ("patch_grad", "resnet20"),
     "cifar10_resnet20_relu_mask.yaml": ("relu_mask", "resnet20"),
     "cifar10_resnet20_kernel_rescaling.yaml": ("kernel_rescaling", "resnet20"),
+    "cifar10_resnet20_kernel_rescaling_1epoch.yaml": ("kernel_rescaling", "resnet20"),
+    "cifar10_resnet20_kernel_rescaling_24px.yaml": ("kernel_rescaling", "resnet20"),
     "cifar10_vgg19_bn_crs.yaml": ("crs", "vgg19_bn"),
     "imagenet_resnet18_crs.yaml": ("crs", "resnet18"),
     "imagenet_resnet18_relu_mask.yaml": ("relu_mask", "resnet18"),
