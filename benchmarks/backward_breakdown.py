@@ -65,18 +65,18 @@ def timed(into: dict[str, float]) -> Iterator[None]:
                 into[piece] += time.perf_counter() - t0
         return timed_fn
 
-    for (ns, attr, piece), (_, _, fn) in zip(PIECES, originals):
+    for (ns, attr, piece), (_, _, fn) in zip(PIECES, originals, strict=True):
         setattr(ns, attr, wrap(fn, piece))
     functions = (layers._Conv2dFunction, layers._LinearFunction)
     backwards = [fn.backward for fn in functions]
-    for fn, backward in zip(functions, backwards):
+    for fn, backward in zip(functions, backwards, strict=True):
         fn.backward = staticmethod(wrap(backward, "sampled layers' backward (all of the above and more)"))
     try:
         yield
     finally:
         for ns, attr, fn in originals:
             setattr(ns, attr, fn)
-        for fn, backward in zip(functions, backwards):
+        for fn, backward in zip(functions, backwards, strict=True):
             fn.backward = staticmethod(backward)
 
 

@@ -60,7 +60,7 @@ def check_configs(configs: list[Path]) -> None:
     """Each config names one table row, and the configs may differ only in their trainer
     callbacks: the exact baseline is built from the first one, so it must be every config's."""
     labels = [config_label(path) for path in configs]
-    for path, label in zip(configs, labels):
+    for path, label in zip(configs, labels, strict=True):
         if label == "exact" or labels.count(label) > 1:
             raise ConfigError("--configs", str(path), f"its row label {label!r} is taken (by the exact baseline, "
                               "which every comparison runs, or by another config)",
@@ -148,7 +148,8 @@ def summarise(results: dict[str, list[RunResult]], tolerance: float = 1.0) -> li
 
 def table(rows: list[dict]) -> str:
     lines = ["| run | seeds | test acc (%) | Δ acc vs exact | training time (s) | training / exact | fit wall / exact "
-             "| step / exact | backward work | within 1 point and faster |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| step / exact | backward work | within 1 point and faster |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         meets = {None: "-", True: "yes", False: "no"}[r["meets"]]
         lines.append(f"| {r['run']} | {r['seeds']} | {r['acc_mean']:.2f} ± {r['acc_std']:.2f} | "
@@ -160,7 +161,8 @@ def table(rows: list[dict]) -> str:
 def load(path: Path) -> dict[str, list[RunResult]]:
     """The runs of a JSON file this script wrote."""
     runs = json.loads(path.read_text())["runs"]
-    return {name: [RunResult(**{**r, "curve": [tuple(p) for p in r["curve"]]}) for r in rs] for name, rs in runs.items()}
+    return {name: [RunResult(**{**r, "curve": [tuple(p) for p in r["curve"]]}) for r in rs]
+            for name, rs in runs.items()}
 
 
 def merge(paths: list[Path]) -> tuple[list[dict], dict[str, list[RunResult]], list[str]]:

@@ -3,24 +3,16 @@ functions it wraps back."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-
 import pytest
 
 import lightning_approx.layers as layers
 import lightning_approx.methods.sampling as sampling
-from tests.conftest import REPO
+from tests.conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def breakdown():
-    spec = importlib.util.spec_from_file_location("_bench_backward_breakdown",
-                                                  REPO / "benchmarks" / "backward_breakdown.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks", "backward_breakdown")
 
 
 def test_every_piece_is_timed_and_the_wrappers_are_removed(breakdown, capsys):

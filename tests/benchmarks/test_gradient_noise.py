@@ -3,22 +3,16 @@ references sit beside them."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def noise():
-    spec = importlib.util.spec_from_file_location("_bench_gradient_noise", REPO / "benchmarks" / "gradient_noise.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks", "gradient_noise")
 
 
 def test_exact_settings_measure_no_noise_and_sampling_does(noise, tmp_path, capsys):

@@ -3,14 +3,12 @@ JSON and plot, and the check that every config shares the exact baseline."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 
 import pytest
 
 from lightning_approx.errors import ConfigError
-from tests.conftest import CIFAR_SUBSET, REPO
+from tests.conftest import CIFAR_SUBSET, REPO, load_script
 
 CONFIGS = REPO / "examples" / "configs"
 TINY = ["--set", "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
@@ -20,11 +18,7 @@ TINY = ["--set", "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "
 
 @pytest.fixture(scope="module")
 def tta():
-    spec = importlib.util.spec_from_file_location("_bench_time_to_accuracy", REPO / "benchmarks" / "time_to_accuracy.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks", "time_to_accuracy")
 
 
 def test_configs_run_exact_then_each_recipe_per_seed(tta, tmp_path, monkeypatch, capsys):
@@ -50,7 +44,7 @@ def test_configs_run_exact_then_each_recipe_per_seed(tta, tmp_path, monkeypatch,
 def test_configs_that_differ_beyond_callbacks_are_refused(tta, tmp_path):
     other = tmp_path / "cifar10_resnet20_other.yaml"
     other.write_text((CONFIGS / "cifar10_resnet20_crs.yaml").read_text().replace("lr: 0.1", "lr: 0.05"))
-    with pytest.raises(ConfigError, match="differs from .* in more than trainer.callbacks"):
+    with pytest.raises(ConfigError, match=r"differs from .* in more than trainer\.callbacks"):
         tta.main(["--seeds", "0", "--configs", str(CONFIGS / "cifar10_resnet20_crs.yaml"), str(other)])
 
 

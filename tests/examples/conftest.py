@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from types import ModuleType
 
@@ -10,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import CIFAR_SUBSET, REPO
+from tests.conftest import CIFAR_SUBSET, REPO, load_script
 
 CONFIGS = REPO / "examples" / "configs"
 
@@ -35,10 +34,7 @@ def tiny_args(config: Path, tmp_path: Path) -> list[str]:
 
 def load_example(name: str) -> ModuleType:
     """Imports ``examples/<name>.py`` as a module."""
-    spec = importlib.util.spec_from_file_location(f"example_{name}", REPO / "examples" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("examples", name)
 
 
 @pytest.fixture(autouse=True)
