@@ -200,14 +200,14 @@ def plot(results: dict[str, list[RunResult]], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, (name, runs) in enumerate(results.items()):
+    for line, (name, runs) in enumerate(results.items()):
         curves = [r.curve for r in runs if r.curve]
         n = min(len(c) for c in curves)
         xs = [statistics.mean(c[i][0] for c in curves) for i in range(n)]
         ys = [100 * statistics.mean(c[i][1] for c in curves) for i in range(n)]
         # dashed once the 10 default colours repeat, so every line stays distinguishable
         ax.plot(xs, ys, marker="o", markersize=3, label=name, linewidth=2 if name == "exact" else 1.2,
-                linestyle="-" if i < 10 else "--")
+                linestyle="-" if line < 10 else "--")
     ax.set_xlabel("training wall-clock (s, validation excluded)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(textwrap.fill(title, 110), fontsize=7)
