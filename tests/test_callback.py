@@ -62,7 +62,8 @@ def test_fit_patches_during_training_and_leaves_exact_layers(tmp_path):
     assert cb.layer_names == ["conv"]
     metrics = trainer_metrics(tmp_path)
     assert metrics["approx/crs.sample_ratio"] == [0.5] * 4
-    assert all(abs(w - 0.5) < 1e-9 for w in metrics["approx/backward_work"])
+    # Half the samples are drawn; repeated draws run once, so at most half the work is done.
+    assert all(0 < w <= 0.5 + 1e-9 for w in metrics["approx/backward_work"])
     assert all(t > 0 for t in metrics["approx/step_time"])
     assert metrics["approx/work/conv"] == metrics["approx/backward_work"]
 

@@ -133,25 +133,33 @@ def test_statistical_check_rejects_a_biased_estimator():
 
 
 def test_sampled_products_run_on_smaller_tensors(monkeypatch):
-    """The weight gradient is computed from k samples, not from a zero-filled batch."""
+    """Both products run on the distinct drawn rows, not on zero-filled full-size tensors, and
+    the work counted is the work done."""
     import lightning_approx.methods.sampling as sampling
 
-    seen = []
-    real = sampling.conv2d_grad_weight
+    samples, channels = [], []
+    real_w, real_x = sampling.conv2d_grad_weight, sampling.conv2d_grad_input
 
-    def spy(geom, x, weight, dy):
-        seen.append((x.shape[0], dy.shape[0]))
-        return real(geom, x, weight, dy)
+    def spy_w(geom, x, weight, dy):
+        samples.append((x.shape[0], dy.shape[0]))
+        return real_w(geom, x, weight, dy)
 
-    monkeypatch.setattr(sampling, "conv2d_grad_weight", spy)
+    def spy_x(geom, x, weight, dy):
+        channels.append((weight.shape[0], dy.shape[1]))
+        return real_x(geom, x, weight, dy)
+
+    monkeypatch.setattr(sampling, "conv2d_grad_weight", spy_w)
+    monkeypatch.setattr(sampling, "conv2d_grad_input", spy_x)
     layer = nn.Conv2d(4, 8, 3, padding=1)
     approximate(layer, "crs", sample_ratio=0.25, exclude=None)
     x = torch.randn(16, 4, 8, 8, requires_grad=True)
     layer(x).sum().backward()
-    assert seen == [(4, 4)]
+    (n, n_dy), = samples
+    (c, c_dy), = channels
+    assert n == n_dy and 1 <= n <= 4 and c == c_dy and 1 <= c <= 2  # k = 4 of 16 samples, 2 of 8 channels
     site = patched_sites(layer)[0]
     assert site.work.exact == 2 * 16 * 8 * 64 * 4 * 9
-    assert site.work.computed == 16 * 8 * 64 * 4 * 9 * (4 / 16 + 2 / 8)
+    assert site.work.computed == 16 * 8 * 64 * 4 * 9 * (n / 16 + c / 8)
 
 
 def test_first_layer_input_grad_is_not_counted():
@@ -185,3 +193,26 @@ def test_channels_last_is_exact_and_keeps_its_format():
     x = x.clone().requires_grad_(True)
     layer(x).sum().backward()
     assert x.grad.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("rows", [None, 3], ids=["1-d", "grouped"])
+def test_merged_draws_give_the_same_estimate(rows):
+    """Repeated draws merge into one pair with the summed scale: the estimate is unchanged, the
+    indices are distinct and ascending, and grouped rows are padded with scale-0 entries."""
+    from lightning_approx.ops.sampling import crs_sample, merge_duplicates
+
+    gen = torch.Generator().manual_seed(0)
+    weights = torch.rand(rows or 1, 10, dtype=torch.float64) + 0.1
+    values = torch.randn(rows or 1, 10, dtype=torch.float64)
+    if rows is None:
+        weights, values = weights[0], values[0]
+    idx, scale = crs_sample(weights, 12, gen)
+    merged_idx, merged_scale = merge_duplicates(idx, scale)
+    assert merged_idx.shape[-1] < 12  # 12 draws from 10 pairs must repeat some
+    estimate = (values.gather(-1, idx) * scale).sum(-1)
+    torch.testing.assert_close((values.gather(-1, merged_idx) * merged_scale).sum(-1), estimate)
+    for row_idx, row_scale in zip(merged_idx.view(-1, merged_idx.shape[-1]),
+                                  merged_scale.view(-1, merged_scale.shape[-1]), strict=True):
+        live = row_idx[row_scale > 0]
+        assert torch.equal(live, live.unique(sorted=True))  # distinct, ascending
+        assert (row_scale[len(live):] == 0).all()  # padding only at the end

@@ -122,8 +122,8 @@ def select(op: str, *tensors: Tensor) -> str:
         BackendUnavailableError: The backend is ``"cuda"`` and the kernels cannot run here.
     """
     backend = get_backend()
-    if backend == "torch":
-        return "torch"
+    if backend == "torch" or (backend == "auto" and not all(t.is_cuda for t in tensors)):
+        return "torch"  # the common CPU case, decided before any message is built
     reason = kernel_blocker(tensors)
     if reason is None:
         return "cuda"

@@ -45,7 +45,7 @@ from lightning_approx.methods.base import Hyperparameter, Method
 from lightning_approx.methods.registry import register
 from lightning_approx.methods.sampling import SAMPLE_RATIO
 from lightning_approx.ops.layout import select_channels
-from lightning_approx.ops.sampling import crs_sample, sample_count, topk_select
+from lightning_approx.ops.sampling import crs_sample, merge_duplicates, sample_count, topk_select
 from lightning_approx.schedules import Schedule
 
 if TYPE_CHECKING:
@@ -126,7 +126,7 @@ class ForwardSampling(Method):
     def select(self, scores: Tensor, k: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """k channels per row of ``scores`` (one row per group): ``(indices, scale)``."""
         if self.selection == "crs":
-            return crs_sample(scores, k, generator)
+            return merge_duplicates(*crs_sample(scores, k, generator))  # repeats run once
         return topk_select(scores, k)
 
     def _k(self, channels: int) -> int:
@@ -162,7 +162,8 @@ class ForwardSampling(Method):
                 scores = w_sq.sqrt()
             else:
                 scores = (w_sq * kops.plane_sq_norms(x.detach()).sum(0).view(groups, cin_g)).sqrt()
-            idx, scale = self.select(scores, k, site.generator(x.device))  # (groups, k) each
+            idx, scale = self.select(scores, k, site.generator(x.device))  # (groups, k') each
+            k = idx.shape[-1]  # k' <= k: repeated draws are merged
             self._record(site, idx, groups, cin_g, weight.device)
         channels = (idx + torch.arange(groups, device=idx.device).unsqueeze(1) * cin_g).flatten()
         x_k = select_channels(x, channels)
@@ -193,6 +194,7 @@ class ForwardSampling(Method):
             if self.rank_by != "weight":
                 w_sq = w_sq * x.detach().reshape(-1, fan_in).to(acc).square().sum(0)
             idx, scale = self.select(w_sq.sqrt(), k, site.generator(x.device))
+            k = idx.numel()
             self._record(site, idx, 1, fan_in, weight.device)
         w_k = weight.index_select(1, idx)
         if self.selection != "topk":

@@ -10,7 +10,9 @@ Three ways to choose the pairs share one implementation (:meth:`CRS.select`):
 ``crs``: the weight gradient ``sum_n conv_w(x_n, dy_n)`` is estimated from k of the B
 samples, and the input gradient ``sum_c conv_t(dy_c, W_c)`` from k of the output channels
 (of each group), drawn with replacement with p ∝ ||A_i||·||B_i|| and scaled by 1/(k p_i):
-unbiased, and the products run on the gathered, smaller tensors.
+unbiased, and the products run on the gathered, smaller tensors. A pair drawn more than once
+is gathered once with its scales summed, so k draws cost only their distinct pairs (at most
+about 0.39 n of them at k = n/2).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from lightning_approx.kernels import ops as kops
 from lightning_approx.methods.base import Hyperparameter, Method
 from lightning_approx.methods.registry import register
 from lightning_approx.ops.conv import conv2d_grad_input, conv2d_grad_weight
-from lightning_approx.ops.sampling import bernoulli_sample, crs_sample, sample_count, topk_select
+from lightning_approx.ops.sampling import bernoulli_sample, crs_sample, merge_duplicates, sample_count, topk_select
 from lightning_approx.schedules import Schedule
 
 if TYPE_CHECKING:
@@ -77,8 +79,9 @@ class CRS(Method):
 
     # --- pair selection: the part bernoulli_crs / topk change ----------------------------
     def select(self, weights: Tensor, k: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        """Chooses k pairs per row of ``weights``; returns ``(indices, scale)``."""
-        return crs_sample(weights, k, generator, self.uniform_mix)
+        """Chooses k pairs per row of ``weights``; returns ``(indices, scale)``. Repeated draws
+        are merged, so the products run on the distinct pairs only (the same estimate)."""
+        return merge_duplicates(*crs_sample(weights, k, generator, self.uniform_mix))
 
     def _exact(self) -> bool:
         return self.value("sample_ratio") >= 1.0
@@ -116,7 +119,9 @@ class CRS(Method):
         # Grouped convs keep their structure: the same number of channels from every group.
         norms = kops.sample_norms(weight) * self._plane_sq_norms(dy).sum(0).sqrt()
         idx, scale = self.select(norms.view(groups, per_group), k, site.generator(x.device))
-        idx = (idx + torch.arange(groups, device=idx.device).unsqueeze(1) * per_group).flatten()
+        if groups > 1:
+            idx = idx + torch.arange(groups, device=idx.device).unsqueeze(1) * per_group
+        idx = idx.flatten()
         # conv_t(s_c dy_c, W_c) = conv_t(dy_c, s_c W_c): scale the small weight, not dy.
         weight_k = kops.gather_scale(weight, idx, scale.flatten(), 0)
         grad = conv2d_grad_input(geom, x, weight_k, kops.gather_scale(dy, idx, None, 1))

@@ -25,7 +25,7 @@ def test_cifar10_compare(cifar10, capsys):
     results = cifar10.main(["compare", "--epochs", "1", "--limit-train-batches", "2", "--batch-size", "32",
                              "--limit-eval-batches", "2"])
     assert [r.name for r in results] == ["exact", "crs:sample_ratio=0.5"]
-    assert results[0].backward_work == 1.0 and results[1].backward_work == pytest.approx(0.5, abs=0.05)
+    assert results[0].backward_work == 1.0 and 0.2 < results[1].backward_work <= 0.5  # repeated draws run once
     assert all(r.test_acc is not None for r in results)
     out = capsys.readouterr().out
     assert "CIFAR-10 (cifar10-subset), resnet20, batch 32" in out and "step / exact" in out
