@@ -11,8 +11,8 @@ Three ways to choose the pairs share one implementation (:meth:`CRS.select`):
 samples, and the input gradient ``sum_c conv_t(dy_c, W_c)`` from k of the output channels
 (of each group), drawn with replacement with p ∝ ||A_i||·||B_i|| and scaled by 1/(k p_i):
 unbiased, and the products run on the gathered, smaller tensors. A pair drawn more than once
-is gathered once with its scales summed, so k draws cost only their distinct pairs (at most
-about 0.39 n of them at k = n/2).
+is gathered once with its scales summed (on CPU), so k draws cost only their distinct pairs
+(at most about 0.39 n of them at k = n/2).
 """
 
 from __future__ import annotations
@@ -79,9 +79,16 @@ class CRS(Method):
 
     # --- pair selection: the part bernoulli_crs / topk change ----------------------------
     def select(self, weights: Tensor, k: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        """Chooses k pairs per row of ``weights``; returns ``(indices, scale)``. Repeated draws
-        are merged, so the products run on the distinct pairs only (the same estimate)."""
-        return merge_duplicates(*crs_sample(weights, k, generator, self.uniform_mix))
+        """Chooses k pairs per row of ``weights``; returns ``(indices, scale)``.
+
+        On CPU repeated draws are merged, so the products run on the distinct pairs only (the
+        same estimate). On CUDA the k draws are kept as they are: counting the distinct pairs
+        would make the host wait for the device in every layer's backward.
+        """
+        idx, scale = crs_sample(weights, k, generator, self.uniform_mix)
+        if weights.is_cuda:
+            return idx, scale
+        return merge_duplicates(idx, scale)
 
     def _exact(self) -> bool:
         return self.value("sample_ratio") >= 1.0
