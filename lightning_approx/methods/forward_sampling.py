@@ -126,9 +126,7 @@ class ForwardSampling(Method):
     def select(self, scores: Tensor, k: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """k channels per row of ``scores`` (one row per group): ``(indices, scale)``."""
         if self.selection == "crs":
-            idx, scale = crs_sample(scores, k, generator)
-            # On CPU repeats run once; on CUDA counting them would stall the host every layer.
-            return (idx, scale) if scores.is_cuda else merge_duplicates(idx, scale)
+            return merge_duplicates(*crs_sample(scores, k, generator))  # on CPU repeats run once
         return topk_select(scores, k)
 
     def _k(self, channels: int) -> int:

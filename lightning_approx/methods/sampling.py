@@ -85,10 +85,7 @@ class CRS(Method):
         same estimate). On CUDA the k draws are kept as they are: counting the distinct pairs
         would make the host wait for the device in every layer's backward.
         """
-        idx, scale = crs_sample(weights, k, generator, self.uniform_mix)
-        if weights.is_cuda:
-            return idx, scale
-        return merge_duplicates(idx, scale)
+        return merge_duplicates(*crs_sample(weights, k, generator, self.uniform_mix))
 
     def _exact(self) -> bool:
         return self.value("sample_ratio") >= 1.0

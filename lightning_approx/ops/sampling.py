@@ -59,9 +59,14 @@ def merge_duplicates(idx: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
     Rows of a 2-d ``idx`` (conv groups) keep one length, the most distinct pairs of any row;
     shorter rows are padded with scale-0 entries, which cost work but add nothing.
 
+    CUDA draws are returned as they are: sizing the result needs the count of distinct pairs
+    on the host, which would make it wait for the device in every layer's backward.
+
     Returns:
-        ``(indices, scale)``: the distinct indices of each row in ascending order.
+        ``(indices, scale)``: the distinct indices of each row in ascending order (CPU).
     """
+    if idx.is_cuda:
+        return idx, scale
     if idx.dim() == 1 or idx.numel() == idx.shape[-1]:  # one row: sum the scales per pair
         flat_idx, flat_scale = idx.flatten(), scale.flatten()
         n = int(flat_idx.max()) + 1
