@@ -67,7 +67,9 @@ class RunSummary(Callback):
         self._fit_t0 = time.perf_counter()
 
     @override
-    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # From the first validation batch on, not from on_validation_start: what callbacks do
+        # there for training's sake (ApproxBackward's batch-norm recalibration) is training time.
         self._val_t0 = time.perf_counter()
 
     @override

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -12,6 +13,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
+from lightning_approx.batch_norm import batch_norms, recalibrate_batch_norm
 from lightning_approx.errors import ConfigError
 from lightning_approx.methods import Method
 from lightning_approx.ops.accounting import WorkCounter
@@ -53,6 +55,13 @@ class ApproxBackward(Callback):
         sync_cuda: Synchronize CUDA before reading the step time (otherwise it measures
             launch time only).
         fidelity_every_n_steps: Measure gradient fidelity every N steps (0: never).
+        recalibrate_bn: With a method that replaces the training forward
+            (``forward_sampling``): before every validation of the fit and at the end of
+            training, recompute batch norm's running statistics from this many training
+            batches run through the exact layers (no gradients), because training updated them
+            on the sampled forward while evaluation runs the exact one. 0: never. Each batch
+            goes through the Trainer's batch-transfer hooks, and its first element (or the
+            batch itself, when it is a tensor) is passed to the LightningModule.
 
     Example::
 
@@ -68,6 +77,7 @@ class ApproxBackward(Callback):
         log_per_layer: bool = True,
         sync_cuda: bool = True,
         fidelity_every_n_steps: int = 0,
+        recalibrate_bn: int = 0,
     ) -> None:
         super().__init__()
         hyperparameters = {} if sample_ratio is None else {"sample_ratio": sample_ratio}
@@ -81,6 +91,16 @@ class ApproxBackward(Callback):
             raise ConfigError("fidelity_every_n_steps", fidelity_every_n_steps, "must be a whole number >= 0",
                               "give 0 to turn it off, or e.g. 50")
         self.fidelity_every_n_steps = fidelity_every_n_steps
+        if isinstance(recalibrate_bn, bool) or not isinstance(recalibrate_bn, int) or recalibrate_bn < 0:
+            raise ConfigError("recalibrate_bn", recalibrate_bn, "must be a whole number of batches >= 0",
+                              "give 0 to keep the running statistics training leaves, or e.g. 5")
+        if recalibrate_bn and self.pipeline.forward_method is None:
+            raise ConfigError("recalibrate_bn", recalibrate_bn,
+                              f"{[m.name for m in self.pipeline.methods]} leave the training forward exact, so batch "
+                              "norm's running statistics already describe the evaluated network",
+                              "give 0, or use a method that samples the forward (forward_sampling)")
+        self.recalibrate_bn = recalibrate_bn
+        self._recalibrated_at: int | None = None  # global step of the last recalibration
         self.layer_names: list[str] = []
         self.totals = WorkCounter()  # whole fit, for summaries
         self._pending_rng: dict[str, Any] | None = None
@@ -105,6 +125,14 @@ class ApproxBackward(Callback):
             self._apply_rng(self._pending_rng)
 
     @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._recalibrated_at = None
+        if self.recalibrate_bn == 0 and self.pipeline.forward_method is not None and batch_norms(pl_module):
+            rank_zero_warn(f"ApproxBackward: {self.pipeline.forward_method.name!r} trains batch norm's running "
+                           "statistics on the sampled forward, while evaluation runs the exact layers; set "
+                           "recalibrate_bn (e.g. 5) to recompute them before each validation and at the end")
+
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._restore()
 
@@ -120,6 +148,23 @@ class ApproxBackward(Callback):
         if self._model is not None:
             restore(self._model)
             self._model = None
+
+    # --- batch-norm recalibration (forward methods) -------------------------------------
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._recalibrate(trainer, pl_module)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._recalibrate(trainer, pl_module)
+
+    def _recalibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Recomputes the running statistics, unless no training step ran since the last time."""
+        if not self.recalibrate_bn or self._model is None or self._recalibrated_at == trainer.global_step:
+            return
+        recalibrate_batch_norm(pl_module, training_inputs(trainer, pl_module, self.recalibrate_bn))
+        self._recalibrated_at = trainer.global_step
 
     # --- schedules, accounting, logging ---------------------------------------------------
     @staticmethod
@@ -222,3 +267,24 @@ class ApproxBackward(Callback):
         for name, state in states.items():
             sites[name].set_rng_state(state)
         self._pending_rng = None
+
+
+def training_inputs(trainer: pl.Trainer, pl_module: pl.LightningModule, limit: int) -> Iterator[Any]:
+    """Model inputs of the first ``limit`` batches of a fresh pass over the training data, each
+    through the batch-transfer hooks the Trainer applies to training batches."""
+    loader = trainer.train_dataloader
+    if loader is None or isinstance(loader, (Mapping, list, tuple)):
+        raise ConfigError("recalibrate_bn", limit, f"needs one training DataLoader, and the Trainer has "
+                          f"{type(loader).__name__}", "give 0, or train from a single DataLoader")
+    for batch in itertools.islice(loader, limit):
+        # The calls Lightning's own loops make (they pick the datamodule's or the module's hooks).
+        batch = pl_module._on_before_batch_transfer(batch, dataloader_idx=0)
+        batch = pl_module._apply_batch_transfer_handler(batch, dataloader_idx=0)
+        if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
+            yield batch[0]
+        elif isinstance(batch, torch.Tensor):
+            yield batch
+        else:
+            raise ConfigError("recalibrate_bn", limit, f"cannot find the model input in a training batch of type "
+                              f"{type(batch).__name__}", "make the batch a tensor or a (input, ...) tuple, or give 0 "
+                              "and call lightning_approx.batch_norm.recalibrate_batch_norm yourself")
