@@ -1,7 +1,8 @@
 """Training-step time, exact vs approximate, in one process.
 
 Every variant trains its own copy of the same model on the same batch; the variants run
-interleaved, one step each per round, so drifts in machine load hit all of them alike. Each
+interleaved, one step each per round, in an order shuffled every round (seeded), so drifts in
+machine load hit all of them alike and no variant always runs first or after the same other one. Each
 step is split into forward, backward and optimizer time; the table reports medians over the
 timed rounds and ratios to the plain ``nn`` layers ("exact"), and the fraction of the
 backward multiply-accumulates computed. After the timed rounds, ``--layer-steps`` more rounds
@@ -22,6 +23,7 @@ import copy
 import json
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -120,6 +122,19 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
     return t1 - t0, t2 - t1, t3 - t2, work
 
 
+def round_orders(keys: list[str], rounds: int, seed: int = 0) -> list[list[str]]:
+    """The order of the variants in each round: a seeded shuffle per round, so whatever a
+    position in the round or the step run just before costs (warm caches, the allocator's state)
+    is shared out instead of always falling on the same variant."""
+    rng = random.Random(seed)
+    orders = []
+    for _ in range(rounds):
+        order = list(keys)
+        rng.shuffle(order)
+        orders.append(order)
+    return orders
+
+
 def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     device = torch.device(args.device)
@@ -136,8 +151,9 @@ def run(args: argparse.Namespace) -> dict:
     optimizers = {k: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for k, (m, _) in variants.items()}
     times = {k: {"forward": [], "backward": [], "optimizer": [], "step": [], "work": []} for k in variants}
     loss_fn = nn.CrossEntropyLoss()
-    for round_ in range(args.warmup + args.steps):
-        for key, (model, _) in variants.items():
+    for round_, order in enumerate(round_orders(list(variants), args.warmup + args.steps)):
+        for key in order:
+            model = variants[key][0]
             fwd, bwd, opt, work = train_step(model, optimizers[key], x, y, loss_fn, device)
             if round_ >= args.warmup:
                 rec = times[key]
@@ -147,9 +163,9 @@ def run(args: argparse.Namespace) -> dict:
     layers = {}
     if args.layer_steps:
         timers = {key: LayerTimer(model) for key, (model, _) in variants.items()}
-        for _ in range(args.layer_steps):
-            for key, (model, _) in variants.items():
-                train_step(model, optimizers[key], x, y, loss_fn, device)
+        for order in round_orders(list(variants), args.layer_steps, seed=1):
+            for key in order:
+                train_step(variants[key][0], optimizers[key], x, y, loss_fn, device)
         for key, timer in timers.items():
             timer.remove()
             layers[key] = timer.medians()

@@ -1,0 +1,39 @@
+"""benchmarks/step_time.py: every variant is timed in every round, in a shuffled order, and the
+table, per-layer breakdown and JSON come out."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.conftest import load_script
+
+
+@pytest.fixture(scope="module")
+def step_time():
+    return load_script("benchmarks", "step_time")
+
+
+def test_rounds_shuffle_the_order_and_keep_every_variant(step_time):
+    keys = ["exact", "a", "b", "c"]
+    orders = step_time.round_orders(keys, 40)
+    assert all(sorted(order) == sorted(keys) for order in orders)
+    assert {order[0] for order in orders} == set(keys)  # every variant sometimes runs first
+    assert orders == step_time.round_orders(keys, 40)  # seeded: the same run is the same order
+
+
+def test_one_command_gives_table_layers_and_json(step_time, tmp_path, capsys):
+    out = tmp_path / "st.json"
+    result = step_time.main(["--variants", "crs:sample_ratio=0.5", "crs:sample_ratio=1.0", "--batch-size", "8",
+                             "--steps", "2", "--warmup", "1", "--layer-steps", "1", "--threads",
+                             str(torch.get_num_threads()), "--json", str(out)])
+    medians = result["medians"]
+    assert set(medians) == {"exact", "crs:sample_ratio=0.5", "crs:sample_ratio=1.0"}
+    assert medians["exact"]["work"] == 1.0 and medians["crs:sample_ratio=1.0"]["work"] == 1.0
+    assert 0 < medians["crs:sample_ratio=0.5"]["work"] <= 0.5 + 1e-9
+    assert "layer1.0.conv1" in result["layers"]["crs:sample_ratio=0.5"]
+    assert json.loads(out.read_text())["medians"].keys() == medians.keys()
+    printed = capsys.readouterr().out
+    assert "| crs:sample_ratio=0.5 |" in printed and "Per layer, crs:sample_ratio=0.5" in printed
