@@ -28,7 +28,9 @@ slices (:class:`~lightning_approx.strategies.ApproxDDPStrategy`, which reads the
 :meth:`ForwardSampling.track_selections` / :meth:`ForwardSampling.take_selection`).
 
 Evaluation is exact (the layer routes ``eval()`` / ``no_grad`` to the plain forward), and
-``sample_ratio = 1.0`` runs the plain op.
+``sample_ratio = 1.0`` runs the plain op. Batch norm's running statistics, though, are averaged
+over the sampled training forward; ``ApproxBackward(..., recalibrate_bn=N)`` recomputes them on
+the exact network before each validation (:mod:`lightning_approx.batch_norm`).
 """
 
 from __future__ import annotations
