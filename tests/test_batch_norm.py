@@ -146,3 +146,31 @@ def test_recalibrates_before_each_validation_and_not_twice_without_training(tmp_
     # Not for the sanity check; before the validations after epochs 0 and 1 (4 steps each); not
     # again at the end of training, since no step ran after the last validation.
     assert calls == [(False, True, 4), (False, True, 8)]
+
+
+class DictBatches(BNClassifier):
+    def training_step(self, batch, batch_idx):
+        return nn.functional.cross_entropy(self(batch["x"]), batch["y"])
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+
+def test_a_batch_without_a_findable_input_is_refused_and_changes_nothing(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    rows = [{"x": torch.randn(3, 8, 8, generator=g), "y": i % 4} for i in range(16)]
+    model = DictBatches()
+    seen = []  # the statistics after each training step, the last of them right before validation
+
+    class Snapshot(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            seen.append(statistics(pl_module))
+
+    cb = ApproxBackward(ForwardSampling(sample_ratio=0.5), recalibrate_bn=2)
+    trainer = pl.Trainer(default_root_dir=tmp_path, accelerator="cpu", max_epochs=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0, callbacks=[cb, Snapshot()])
+    with pytest.raises(ConfigError, match=r"recalibrate_bn.*dict"):
+        trainer.fit(model, DataLoader(rows, batch_size=8), DataLoader(rows, batch_size=8))
+    assert len(seen) == 2 and all(torch.equal(a, b) for a, b in zip(seen[-1], statistics(model), strict=True))
+    assert type(model.body[0]) is nn.Conv2d  # the exact layer is back
