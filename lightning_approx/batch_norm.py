@@ -44,6 +44,7 @@ def recalibrate_batch_norm(model: nn.Module, inputs: Iterable[Tensor]) -> int:
              for m in layers]
     was_training = model.training
     count = 0
+    kept = False  # whether the new statistics stand: only after every batch ran
     try:
         for m in layers:
             m.reset_running_stats()
@@ -52,13 +53,11 @@ def recalibrate_batch_norm(model: nn.Module, inputs: Iterable[Tensor]) -> int:
         for x in inputs:
             model(x)
             count += 1
-    except BaseException:
-        count = 0
-        raise
+        kept = count > 0
     finally:
         for m, momentum, mean, var, tracked in saved:
             m.momentum = momentum
-            if count == 0:
+            if not kept:
                 m.running_mean.copy_(mean)
                 m.running_var.copy_(var)
                 m.num_batches_tracked.copy_(tracked)
