@@ -10,8 +10,16 @@ which shrinks as ``1/sqrt(draws)`` for an unbiased method and stays put for a bi
 references carry no method at all: the exact gradient of a random half of the batch, and the
 exact gradient of another batch (what SGD's own step-to-step noise is).
 
+What the noise does to training: with ``--growth-steps N`` every variant (and exact) then
+trains its own copy of the warmed-up network for N more steps on the same batches, and the
+table adds the conv weights' norm against exact's (the whole network, and the layer that grew
+most) and the mean loss of the last 10 steps. Behind batch norm a conv's output does not depend
+on its weight's norm, but its effective learning rate falls as 1/norm^2, so weights inflated by
+noisy steps stop learning.
+
     python benchmarks/gradient_noise.py --variants crs crs:grads=weight topk bernoulli_crs \\
         forward_sampling grad_prune patch_grad --json docs/bench/gradient_noise.json
+    python benchmarks/gradient_noise.py --variants crs batch_crs --growth-steps 80
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import statistics
 import sys
 from datetime import date
@@ -84,19 +93,65 @@ def run(args: argparse.Namespace) -> dict:
         approx = copy.deepcopy(model)
         approximate(approx, parse_spec(spec), seed=args.seed)
         rows[spec] = summary([gradient(approx, x, y) for _ in range(args.draws)], exact)
+    if args.growth_steps:
+        for name, row in weight_growth(model, args).items():
+            rows.setdefault(name, {}).update(row)
     return {"benchmark": "gradient_noise", "model": args.model, "batch_size": args.batch_size,
-            "train_steps": args.train_steps, "draws": args.draws, "seed": args.seed,
+            "train_steps": args.train_steps, "draws": args.draws, "seed": args.seed, "growth_steps": args.growth_steps,
             "threads": torch.get_num_threads(), "torch": torch.__version__, "date": date.today().isoformat(),
             "command": " ".join(["python", *sys.argv]), "rows": rows}
+
+
+def weight_growth(model: nn.Module, args: argparse.Namespace) -> dict[str, dict[str, float | str]]:
+    """Trains a copy of ``model`` per variant for ``args.growth_steps`` steps on the same batches;
+    each variant's conv weight norms against exact's, and its loss."""
+    norms, losses = {}, {}
+    for spec in ["exact", *args.variants]:
+        net = copy.deepcopy(model)
+        if spec != "exact":
+            approximate(net, parse_spec(spec), seed=args.seed)
+        optimizer = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
+        data = CIFAR10DataModule(args.data_dir, batch_size=args.batch_size, seed=args.seed + 1)
+        data.setup("fit")
+        batches, tail = endless(data), []
+        for _ in range(args.growth_steps):
+            x, y = next(batches)
+            optimizer.zero_grad(set_to_none=True)
+            loss = nn.functional.cross_entropy(net(x), y)
+            loss.backward()
+            optimizer.step()
+            tail = [*tail[-9:], loss.item()]
+        norms[spec] = {n: p.detach().norm().item() for n, p in net.named_parameters() if p.dim() == 4}
+        losses[spec] = statistics.mean(tail)
+    exact = norms["exact"]
+    total = math.sqrt(sum(v * v for v in exact.values()))
+    rows: dict[str, dict[str, float | str]] = {}
+    for spec, layer_norms in norms.items():
+        ratios = {n: v / exact[n] for n, v in layer_norms.items()}
+        worst = max(ratios, key=ratios.get)
+        rows[spec if spec != "exact" else "exact"] = {
+            "loss": losses[spec], "weight_norm_ratio": math.sqrt(sum(v * v for v in layer_norms.values())) / total,
+            "max_layer_ratio": ratios[worst], "max_layer": worst}
+    return rows
+
+
+def _cell(row: dict, key: str, fmt: str) -> str:
+    return format(row[key], fmt) if key in row else ""
 
 
 def table(result: dict) -> str:
     lines = [f"gradient noise, {result['model']}, batch {result['batch_size']}, after {result['train_steps']} exact "
              f"steps, {result['draws']} draws", "",
-             "| gradient | rel. error (median) | cosine (median) | rel. error of the mean of the draws |",
-             "|---|---|---|---|"]
+             "| gradient | rel. error (median) | cosine (median) | rel. error of the mean of the draws |"
+             + (" conv weight norm / exact | largest layer / exact | loss, last 10 steps |"
+                if result.get("growth_steps") else ""),
+             "|---|---|---|---|" + ("---|---|---|" if result.get("growth_steps") else "")]
     for name, row in result["rows"].items():
-        lines.append(f"| {name} | {row['rel_err']:.3f} | {row['cos']:.3f} | {row['mean_rel_err']:.3f} |")
+        cells = [_cell(row, "rel_err", ".3f"), _cell(row, "cos", ".3f"), _cell(row, "mean_rel_err", ".3f")]
+        if result.get("growth_steps"):
+            largest = f"{row['max_layer_ratio']:.2f} ({row['max_layer']})" if "max_layer" in row else ""
+            cells += [_cell(row, "weight_norm_ratio", ".2f"), largest, _cell(row, "loss", ".3f")]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -111,6 +166,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--train-steps", type=int, default=80, help="exact SGD steps before measuring")
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--draws", type=int, default=16)
+    parser.add_argument("--growth-steps", type=int, default=0,
+                        help="then train every variant this many steps and compare weight norms (0: skip)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)

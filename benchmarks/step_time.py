@@ -43,9 +43,9 @@ DEFAULT_VARIANTS = ["crs:sample_ratio=0.5", "crs:sample_ratio=0.25"]
 # default, then the settings the speed targets name.
 ALL_VARIANTS = [
     "crs:sample_ratio=1.0", "bernoulli_crs:sample_ratio=1.0", "topk:sample_ratio=1.0",
-    "forward_sampling:sample_ratio=1.0", "grad_prune:sparsity=0.0",
-    "crs", "bernoulli_crs", "topk", "forward_sampling", "grad_prune", "patch_grad", "relu_mask",
-    "crs:sample_ratio=0.25", "crs:grads=weight", "relu_mask+crs",
+    "forward_sampling:sample_ratio=1.0", "grad_prune:sparsity=0.0", "batch_crs:sample_ratio=1.0",
+    "crs", "bernoulli_crs", "topk", "forward_sampling", "grad_prune", "patch_grad", "relu_mask", "batch_crs",
+    "crs:sample_ratio=0.25", "crs:grads=weight", "relu_mask+crs", "batch_crs:sample_ratio=0.25",
 ]
 
 

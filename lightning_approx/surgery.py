@@ -124,12 +124,28 @@ def approximate(model: nn.Module, method: str | Method | Mapping | Sequence | Pi
     """
     pipeline = make_pipeline(method, **hyperparameters)
     layers = select_layers(model, exclude)
+    _remove_hooks(model)
+    sites = []
     for index, (name, module) in enumerate(layers):
         exact_cls = EXACT_CLASS.get(type(module), type(module))
         geometry = ConvGeometry.of(module) if exact_cls is nn.Conv2d else None
         module.__class__ = PATCHED_CLASS[exact_cls]
         module.approx_site = LayerSite(name, index, pipeline, geometry, seed)
+        sites.append(module.approx_site)
+    try:
+        model.__dict__[_HOOKS] = [h for m in pipeline.methods for h in m.attach(model, sites)]
+    except BaseException:
+        restore(model)  # nothing left half patched
+        raise
     return [name for name, _ in layers]
+
+
+_HOOKS = "_approx_hooks"  # model attribute: the handles of the methods' own hooks (Method.attach)
+
+
+def _remove_hooks(model: nn.Module) -> None:
+    for handle in model.__dict__.pop(_HOOKS, []):
+        handle.remove()
 
 
 def restore(model: nn.Module) -> list[str]:
@@ -137,6 +153,7 @@ def restore(model: nn.Module) -> list[str]:
 
     Safe on a model that was never patched (returns ``[]``).
     """
+    _remove_hooks(model)
     restored = []
     for name, module in model.named_modules():
         exact_cls = EXACT_CLASS.get(type(module))

@@ -1,6 +1,7 @@
 """The approximation methods, one family per module, and the registry that builds them."""
 
 from lightning_approx.methods.base import Method
+from lightning_approx.methods.batch_crs import BatchCRS
 from lightning_approx.methods.forward_sampling import ForwardSampling
 from lightning_approx.methods.grad_prune import GradPrune
 from lightning_approx.methods.patch_grad import PatchGrad
@@ -12,6 +13,7 @@ from lightning_approx.methods.sampling import CRS, BernoulliCRS, TopK
 __all__ = [
     "CRS",
     "METHODS",
+    "BatchCRS",
     "BernoulliCRS",
     "ForwardSampling",
     "GradPrune",

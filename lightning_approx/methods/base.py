@@ -18,7 +18,8 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from torch import Tensor
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from lightning_approx.schedules import Progress, Schedule, as_schedule, check_range
 
@@ -124,6 +125,12 @@ class Method:
                  for f, s in self._schedules.items()}
         args = ", ".join(f"{k}={v!r}" for k, v in {**shown, **self.options()}.items())
         return f"{type(self).__name__}({args})"
+
+    def attach(self, model: nn.Module, sites: list[LayerSite]) -> list[RemovableHandle]:
+        """Hooks the method needs on the model beyond its patched layers (``batch_crs`` masks
+        the output layer's gradient); called once by :func:`~lightning_approx.approximate`,
+        and the handles are removed by :func:`~lightning_approx.restore`."""
+        return []
 
     def replaces(self, site: LayerSite, weight: Tensor) -> bool:
         """Whether this method computes its ``grad_input`` / ``grad_weight`` stages at this

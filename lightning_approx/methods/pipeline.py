@@ -154,6 +154,10 @@ class Pipeline:
             # Both products exact: one fused call (oneDNN's fused conv backward beats the two halves).
             grad_x, grad_w = op.grad_both(site, x, weight, dy)
             return grad_x, grad_w, 2 * macs
+        both = claimed.get("grad_input")
+        fused = getattr(both, f"{op.name}_grads", None)
+        if need_x and need_w and fused is not None and both is claimed.get("grad_weight"):
+            return fused(site, x, weight, dy)  # one method computes both products in one call
         grads: list[Tensor | None] = [None, None]
         computed = 0
         for i, (needed, stage, exact) in enumerate(((need_x, "grad_input", op.grad_input),

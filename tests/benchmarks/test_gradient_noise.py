@@ -33,3 +33,16 @@ def test_exact_settings_measure_no_noise_and_sampling_does(noise, tmp_path, caps
 def test_fewer_than_two_draws_are_refused(noise):
     with pytest.raises(SystemExit):
         noise.main(["--draws", "1"])
+
+
+def test_weight_growth_of_an_exact_setting_is_exact_growth(noise, capsys):
+    """--growth-steps trains every variant on the same batches: at an exact setting the weights
+    end where exact's do; a sampled variant's do not."""
+    result = noise.main(["--variants", "crs:sample_ratio=1.0", "crs:sample_ratio=0.25", "--batch-size", "16",
+                         "--train-steps", "0", "--draws", "2", "--growth-steps", "3"])
+    rows = result["rows"]
+    assert rows["exact"]["weight_norm_ratio"] == 1.0
+    assert rows["crs:sample_ratio=1.0"]["weight_norm_ratio"] == pytest.approx(1.0, abs=1e-6)
+    assert rows["crs:sample_ratio=1.0"]["loss"] == pytest.approx(rows["exact"]["loss"], rel=1e-5)
+    assert rows["crs:sample_ratio=0.25"]["max_layer_ratio"] != pytest.approx(1.0, abs=1e-6)
+    assert "largest layer / exact" in capsys.readouterr().out

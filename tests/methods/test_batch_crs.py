@@ -1,0 +1,139 @@
+"""batch_crs: one draw of rows for the whole network, exact on the drawn rows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_approx import ConfigError, approximate, restore
+from lightning_approx.methods import BatchCRS
+from lightning_approx.methods.batch_crs import draw_rows, undrawn
+from lightning_approx.surgery import patched_sites
+
+
+class Net(nn.Module):
+    def __init__(self, norm: bool = False):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6) if norm else nn.Identity()
+        self.conv2 = nn.Conv2d(6, 6, 3, padding=1)
+        self.fc = nn.Linear(6 * 16, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.conv1(x)))
+        return self.fc(torch.relu(self.conv2(x)).flatten(1))
+
+
+def _grads(model, x, dy):
+    model.zero_grad(set_to_none=True)
+    model(x).backward(dy)
+    return [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize(("n", "k"), [(8, 4), (8, 2), (10, 3), (7, 7)])
+def test_every_row_is_drawn_with_probability_k_over_n(n, k):
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.zeros(n)
+    draws = 3000
+    for _ in range(draws):
+        rows = draw_rows(n, k, gen)
+        picked = [i for r in rows for i in range(n)[r]]
+        assert len(picked) == len(set(picked)) == k
+        assert sorted(picked + [i for r in undrawn(rows, n) for i in range(n)[r]]) == list(range(n))
+        counts[picked] += 1
+    # Binomial(draws, k/n) per row: 5 standard deviations.
+    p = k / n
+    assert torch.all((counts / draws - p).abs() <= 5 * (p * (1 - p) / draws) ** 0.5 + 1e-9)
+
+
+def test_gradient_is_the_exact_one_of_the_drawn_rows():
+    """Without batch norm the estimate is exactly backprop of (n/k) * the drawn rows' gradient."""
+    torch.manual_seed(0)
+    model = Net().double()
+    exact_model = Net().double()
+    exact_model.load_state_dict(model.state_dict())
+    x = torch.randn(8, 3, 4, 4, dtype=torch.float64)
+    dy = torch.randn(8, 4, dtype=torch.float64)
+    method = BatchCRS(sample_ratio=0.25)
+    approximate(model, method, exclude=None)
+    for _ in range(4):
+        got = _grads(model, x, dy)
+        rows, n = method._active
+        masked = torch.zeros_like(dy)
+        for r in rows:
+            masked[r] = dy[r] * n / 2
+        for g, e in zip(got, _grads(exact_model, x, masked), strict=True):
+            torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+    assert all(s.work.computed * 4 == s.work.exact for s in patched_sites(model))
+
+
+def test_batch_norm_bias_is_small():
+    """With training-mode batch norm the undrawn rows' share of the statistics' gradient is
+    dropped: the mean of many draws stays close to the exact gradient, not equal to it."""
+    torch.manual_seed(0)
+    model = Net(norm=True).double()
+    x = torch.randn(8, 3, 4, 4, dtype=torch.float64)
+    dy = torch.randn(8, 4, dtype=torch.float64)
+    exact = torch.cat([g.flatten() for g in _grads(model, x, dy)])
+    approximate(model, BatchCRS(sample_ratio=0.5), exclude=None)
+    mean = torch.stack([torch.cat([g.flatten() for g in _grads(model, x, dy)]) for _ in range(400)]).mean(0)
+    rel = ((mean - exact).norm() / exact.norm()).item()
+    assert 1e-6 < rel < 0.3
+
+
+def test_eval_and_no_grad_are_untouched():
+    model = Net()
+    approximate(model, "batch_crs", exclude=None)
+    x = torch.randn(4, 3, 4, 4)
+    with torch.no_grad():
+        assert model(x).grad_fn is None
+    model.eval()
+    out = model(x)
+    assert "DrawnRows" not in type(out.grad_fn).__name__
+
+
+def test_restore_and_repatch_remove_the_hook():
+    model = Net()
+    approximate(model, "batch_crs", exclude=None)
+    approximate(model, "batch_crs", exclude=None)
+    assert len(model.fc._forward_hooks) == 1
+    restore(model)
+    assert len(model.fc._forward_hooks) == 0 and "_approx_hooks" not in model.__dict__
+
+
+def test_unknown_output_layer_is_refused_and_nothing_stays_patched():
+    model = Net()
+    with pytest.raises(ConfigError, match=r"batch_crs.output='head'.*is not a Conv2d/Linear layer"):
+        approximate(model, BatchCRS(output="head"), exclude=None)
+    assert all(type(m) in (nn.Conv2d, nn.Linear, nn.Identity, Net) for m in model.modules())
+
+
+def test_a_loss_not_from_the_output_layer_is_an_error():
+    model = Net()
+    approximate(model, BatchCRS(output="fc"), exclude=None)
+    x = torch.randn(4, 3, 4, 4)
+    with pytest.raises(RuntimeError, match="ran its backward without a draw from output layer 'fc'"):
+        model.conv2(model.conv1(x)).sum().backward()
+
+
+def test_a_layer_whose_rows_are_not_the_batch_is_an_error():
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(5, 5)
+            self.fc = nn.Linear(5 * 3, 2)
+
+        def forward(self, x):  # (B, 3, 5): proj sees B * 3 rows
+            return self.fc(self.proj(x).flatten(1))
+
+    model = Tokens()
+    approximate(model, "batch_crs", exclude=None)
+    with pytest.raises(RuntimeError, match="sees 12 rows but the output has 4"):
+        model(torch.randn(4, 3, 5)).sum().backward()
+
+
+@pytest.mark.parametrize("output", [3, ""])
+def test_bad_output_setting(output):
+    with pytest.raises(ConfigError, match=r"batch_crs\.output"):
+        BatchCRS(output=output)
