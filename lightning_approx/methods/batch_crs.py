@@ -137,6 +137,13 @@ class BatchCRS(Method):
     # --- the shared draw -------------------------------------------------------------
     def attach(self, model: nn.Module, sites: list[LayerSite]) -> list[RemovableHandle]:
         """Hooks the output layer so its gradient keeps the drawn rows only."""
+        masker = sites[0].pipeline.by_stage.get("input_mask")
+        if masker is not None:
+            # The mask drops samples that are zero everywhere, so a layer's rows would no longer
+            # be the batch's and the draw would address the wrong ones.
+            raise ConfigError("method", [m.name for m in sites[0].pipeline.methods],
+                              f"{masker.name!r} removes dead samples from a layer's rows, and batch_crs's draw "
+                              "addresses rows of the whole batch", f"use {masker.name!r} with crs, or batch_crs alone")
         self._output_name, layer = _output_layer(model, self.output)
         self._site = sites[0]  # its random stream draws the rows (and is checkpointed with it)
         return [layer.register_forward_hook(self._mask_output)]

@@ -137,3 +137,10 @@ def test_a_layer_whose_rows_are_not_the_batch_is_an_error():
 def test_bad_output_setting(output):
     with pytest.raises(ConfigError, match=r"batch_crs\.output"):
         BatchCRS(output=output)
+
+
+def test_relu_mask_is_refused_and_nothing_stays_patched():
+    model = Net()
+    with pytest.raises(ConfigError, match="'relu_mask' removes dead samples"):
+        approximate(model, ["relu_mask", "batch_crs"], exclude=None)
+    assert not patched_sites(model) and "_approx_hooks" not in model.__dict__
