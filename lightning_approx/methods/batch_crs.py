@@ -12,9 +12,9 @@ Here one draw serves the whole network. The gradient entering the model's output
 the drawn rows, scaled by ``n / k``, and is zero elsewhere. Backpropagation is linear in that
 gradient, so the estimate is unbiased. Every layer below then receives zero rows outside the
 draw, and computes both of its products on the drawn rows only: no noise is added on the way
-down. Batch norm in training mode is the exception: its backward spreads a small correction
-(the gradient of the batch statistics) onto the undrawn rows, and the layers below drop it.
-That makes the estimate slightly biased; docs/methods/batch_crs.md measures by how much.
+down. Batch norm in training mode is the exception: its backward spreads the gradient of the
+batch statistics onto the undrawn rows, and the layers below drop it. That makes the estimate
+biased, on ResNet-20 by about as much as one draw's noise (docs/methods/batch_crs.md).
 
 The drawn rows are one contiguous block (a random one of ``n / k`` blocks when ``k`` divides
 ``n``, else a random cyclic window): slices of the batch-major tensors are views, so the draw
