@@ -72,12 +72,13 @@ def draw_rows(n: int, k: int, generator: torch.Generator) -> tuple[slice, ...]:
 
 
 class _DrawnRows(torch.autograd.Function):
-    """Identity forward; backward keeps the drawn rows of the gradient, scaled by n / k."""
+    """Identity forward (a copy); backward keeps the drawn rows of the gradient, scaled by n / k."""
 
     @staticmethod
     def forward(ctx, out: Tensor, method: BatchCRS, rows: tuple[slice, ...], k: int) -> Tensor:
         ctx.method, ctx.rows, ctx.k = method, rows, k
-        return out.view_as(out)
+        # A copy, not a view: autograd forbids in-place ops (``logits /= t``) on a Function's views.
+        return out.clone()
 
     @staticmethod
     def backward(ctx, grad: Tensor):

@@ -144,3 +144,21 @@ def test_relu_mask_is_refused_and_nothing_stays_patched():
     with pytest.raises(ConfigError, match="'relu_mask' removes dead samples"):
         approximate(model, ["relu_mask", "batch_crs"], exclude=None)
     assert not patched_sites(model) and "_approx_hooks" not in model.__dict__
+
+
+def test_the_output_may_be_modified_in_place():
+    torch.manual_seed(0)
+    model, exact_model = Net().double(), Net().double()
+    exact_model.load_state_dict(model.state_dict())
+    approximate(model, BatchCRS(sample_ratio=1.0 / 2), exclude=None)
+    x = torch.randn(4, 3, 4, 4, dtype=torch.float64)
+    out = model(x)
+    out /= 2  # e.g. a temperature
+    out.sum().backward()
+    rows, n = model.fc.approx_site.pipeline.methods[0]._active
+    dy = torch.zeros(4, 4, dtype=torch.float64)
+    for r in rows:
+        dy[r] = 0.5 * n / 2
+    exact_model(x).backward(dy)
+    for p, e in zip(model.parameters(), exact_model.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, e.grad, rtol=1e-10, atol=1e-12)
