@@ -129,7 +129,7 @@ def weight_growth(model: nn.Module, args: argparse.Namespace) -> dict[str, dict[
     for spec, layer_norms in norms.items():
         ratios = {n: v / exact[n] for n, v in layer_norms.items()}
         worst = max(ratios, key=ratios.get)
-        rows[spec if spec != "exact" else "exact"] = {
+        rows[spec] = {
             "loss": losses[spec], "weight_norm_ratio": math.sqrt(sum(v * v for v in layer_norms.values())) / total,
             "max_layer_ratio": ratios[worst], "max_layer": worst}
     return rows
