@@ -24,6 +24,7 @@ loaders make a block as good as any subset; a batch ordered by class would not b
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -44,6 +45,7 @@ SAMPLE_RATIO = Hyperparameter(low=0.0, high=1.0, low_open=True, high_open=False,
                               fix="give a fraction of the batch in (0, 1]; 1.0 computes the exact gradients")
 
 AUTO = "auto"
+BATCH_NORM = ("drop", "scale")
 
 
 def undrawn(rows: tuple[slice, ...], n: int) -> tuple[slice, ...]:
@@ -90,6 +92,83 @@ class _DrawnRows(torch.autograd.Function):
         return kept, None, None, None
 
 
+class _BatchNormRows(torch.autograd.Function):
+    """Training-mode batch norm whose backward runs on the drawn rows and scales its
+    batch-statistics term by n / k there.
+
+    The exact backward is ``dx = g (dy - mean(dy) - x_hat mean(dy x_hat))`` with ``g = gamma *
+    invstd``, and its last two terms (the gradient through the batch statistics) reach every
+    row. The layers below compute on the drawn rows only, so the undrawn rows' share of those
+    terms would be lost; scaling the drawn rows' share by n / k restores it in expectation (to
+    first order: the means are themselves estimated from the drawn rows). With no draw (exact
+    setting) this is the exact backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
+                running_var: Tensor | None, momentum: float, eps: float, method: BatchCRS) -> Tensor:
+        out, mean, invstd = torch.ops.aten.native_batch_norm(x, weight, bias, running_mean, running_var, True,
+                                                             momentum, eps)
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.method = method
+        return out
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        x, weight, mean, invstd = ctx.saved_tensors
+        n = x.shape[0]
+        rows = ctx.method._active[0] if ctx.method._active is not None else (slice(0, n),)
+        k = sum(len(range(n)[r]) for r in rows)
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        mean, invstd = mean.view(shape), invstd.view(shape)
+        dims = [0, *range(2, x.dim())]
+        # dy is zero outside the draw (everything below the output layer is), so sums over the
+        # drawn rows are sums over the batch.
+        x_hat = [(x[r] - mean) * invstd for r in rows]
+        sum_dy = sum(dy[r].sum(dims) for r in rows)
+        sum_dy_x_hat = sum((dy[r] * xh).sum(dims) for r, xh in zip(rows, x_hat, strict=True))
+        count = x.numel() // x.shape[1]
+        g = invstd if weight is None else weight.view(shape) * invstd
+        scale = n / k / count
+        grad_x = _zero_outside(x, rows)
+        for r, xh in zip(rows, x_hat, strict=True):
+            grad_x[r] = g * (dy[r] - scale * (sum_dy.view(shape) + xh * sum_dy_x_hat.view(shape)))
+        grad_w = sum_dy_x_hat if weight is not None and ctx.needs_input_grad[1] else None
+        grad_b = sum_dy if ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b, None, None, None, None, None
+
+
+class _DrawnRowsBatchNorm2d(nn.BatchNorm2d):
+    """An ``nn.BatchNorm2d`` (class switched by :meth:`BatchCRS.attach`) whose sampled
+    training backward is :class:`_BatchNormRows`."""
+
+    _batch_crs: BatchCRS
+
+    def forward(self, x: Tensor) -> Tensor:
+        method = self._batch_crs
+        if not (self.training and torch.is_grad_enabled()) or method.is_exact:
+            return super().forward(x)
+        self._check_input_dim(x)
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # a cumulative average, as nn.BatchNorm2d does
+                momentum = 1.0 / float(self.num_batches_tracked)
+        stats = (self.running_mean, self.running_var) if self.track_running_stats else (None, None)
+        return _BatchNormRows.apply(x, self.weight, self.bias, *stats, momentum, self.eps, method)
+
+
+class _ClassSwitch:
+    """A handle that switches a module back to its exact class, like a hook's ``remove()``."""
+
+    def __init__(self, module: nn.Module, exact_cls: type[nn.Module]) -> None:
+        self.module, self.exact_cls = module, exact_cls
+
+    def remove(self) -> None:
+        self.module.__class__ = self.exact_cls
+        self.module.__dict__.pop("_batch_crs", None)
+
+
 def _output_layer(model: nn.Module, name: str) -> tuple[str, nn.Module]:
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     if name == AUTO:
@@ -114,6 +193,11 @@ class BatchCRS(Method):
         output: The layer whose output the loss is computed from, by qualified name; every
             other layer's gradient must flow through it (true of classifiers ending in one
             layer). ``"auto"``: the last Conv2d / Linear in module order.
+        batch_norm: What the ``nn.BatchNorm2d`` layers' backward does with the gradient of the
+            batch statistics, whose share on the undrawn rows the layers below drop:
+            ``"drop"`` (the plain backward; biased) or ``"scale"`` (scale the drawn rows' share
+            by n / k: unbiased to first order, but the scaled term compounds through the
+            layers; docs/methods/batch_crs.md measures both).
     """
 
     name = "batch_crs"
@@ -121,19 +205,22 @@ class BatchCRS(Method):
     unbiased = True  # exactly without training-mode batch norm; see the module docstring
     hyperparameters: ClassVar[dict[str, Hyperparameter]] = {"sample_ratio": SAMPLE_RATIO}
 
-    def __init__(self, sample_ratio: float | Schedule = 0.5, output: str = AUTO) -> None:
+    def __init__(self, sample_ratio: float | Schedule = 0.5, output: str = AUTO, batch_norm: str = "drop") -> None:
         super().__init__()
         self._set("sample_ratio", sample_ratio)
         if not isinstance(output, str) or not output:
             raise ConfigError("batch_crs.output", output, "must be a layer name",
                               "give the qualified name of the output layer, e.g. 'fc', or 'auto'")
+        if batch_norm not in BATCH_NORM:
+            raise ConfigError("batch_crs.batch_norm", batch_norm, "unknown choice", f"use one of {list(BATCH_NORM)}")
         self.output = output
+        self.batch_norm = batch_norm
         self._active: tuple[tuple[slice, ...], int] | None = None
         self._site: LayerSite | None = None
         self._output_name = output
 
     def options(self) -> dict:
-        return {"output": self.output}
+        return {"output": self.output, "batch_norm": self.batch_norm}
 
     # --- the shared draw -------------------------------------------------------------
     def attach(self, model: nn.Module, sites: list[LayerSite]) -> list[RemovableHandle]:
@@ -147,7 +234,25 @@ class BatchCRS(Method):
                               "addresses rows of the whole batch", f"use {masker.name!r} with crs, or batch_crs alone")
         self._output_name, layer = _output_layer(model, self.output)
         self._site = sites[0]  # its random stream draws the rows (and is checkpointed with it)
-        return [layer.register_forward_hook(self._mask_output)]
+        handles: list = [layer.register_forward_hook(self._mask_output)]
+        if self.batch_norm == "scale":
+            handles += self._switch_batch_norms(model)
+        return handles
+
+    def _switch_batch_norms(self, model: nn.Module) -> list[_ClassSwitch]:
+        handles, others = [], []
+        for name, module in model.named_modules():
+            if type(module) in (nn.BatchNorm2d, _DrawnRowsBatchNorm2d):
+                module.__class__ = _DrawnRowsBatchNorm2d
+                module._batch_crs = self
+                handles.append(_ClassSwitch(module, nn.BatchNorm2d))
+            elif isinstance(module, nn.modules.batchnorm._BatchNorm):  # 1d, 3d, sync, subclasses
+                others.append(name)
+        if others:
+            warnings.warn(f"batch_crs: batch norm layers {others} are not plain nn.BatchNorm2d, so their backward "
+                          "keeps dropping the undrawn rows' share of the batch-statistics gradient: the estimate is "
+                          "more biased there (docs/methods/batch_crs.md)", stacklevel=4)
+        return handles
 
     def _mask_output(self, module: nn.Module, inputs: tuple, out: Tensor) -> Tensor:
         if not (module.training and torch.is_grad_enabled()) or self.is_exact:

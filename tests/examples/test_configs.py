@@ -18,6 +18,7 @@ EXPECTED = {
     "cifar10_resnet20_bernoulli_crs.yaml": ("bernoulli_crs", "resnet20"),
     "cifar10_resnet20_batch_crs.yaml": ("batch_crs", "resnet20"),
     "cifar10_resnet20_batch_crs_025.yaml": ("batch_crs", "resnet20"),
+    "cifar10_resnet20_batch_crs_bn_scale.yaml": ("batch_crs", "resnet20"),
     "cifar10_resnet20_batch_crs_early.yaml": ("batch_crs", "resnet20"),
     "cifar10_resnet20_batch_crs_early_025.yaml": ("batch_crs", "resnet20"),
     "cifar10_resnet20_topk.yaml": ("topk", "resnet20"),

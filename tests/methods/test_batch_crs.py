@@ -8,7 +8,7 @@ from torch import nn
 
 from lightning_approx import ConfigError, approximate, restore
 from lightning_approx.methods import BatchCRS
-from lightning_approx.methods.batch_crs import draw_rows, undrawn
+from lightning_approx.methods.batch_crs import _BatchNormRows, draw_rows, undrawn
 from lightning_approx.surgery import patched_sites
 
 
@@ -139,6 +139,11 @@ def test_bad_output_setting(output):
         BatchCRS(output=output)
 
 
+def test_bad_batch_norm_setting():
+    with pytest.raises(ConfigError, match=r"batch_crs\.batch_norm='fold'.*use one of \['drop', 'scale'\]"):
+        BatchCRS(batch_norm="fold")
+
+
 def test_relu_mask_is_refused_and_nothing_stays_patched():
     model = Net()
     with pytest.raises(ConfigError, match="'relu_mask' removes dead samples"):
@@ -162,3 +167,65 @@ def test_the_output_may_be_modified_in_place():
     exact_model(x).backward(dy)
     for p, e in zip(model.parameters(), exact_model.parameters(), strict=True):
         torch.testing.assert_close(p.grad, e.grad, rtol=1e-10, atol=1e-12)
+
+
+class _NoDraw:
+    _active = None  # what _BatchNormRows reads: no draw, so every row counts
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_batch_norm_backward_without_a_draw_is_exact(affine, channels_last):
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(5, affine=affine).double()
+    x = torch.randn(6, 5, 3, 3, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    dy = torch.randn_like(x)
+    params = [p for p in (bn.weight, bn.bias) if p is not None]
+    x1 = x.clone().requires_grad_()
+    exact = torch.autograd.grad(bn(x1), [x1, *params], dy)
+    x2 = x.clone().requires_grad_()
+    mean, var = torch.zeros(5, dtype=torch.float64), torch.ones(5, dtype=torch.float64)
+    out = _BatchNormRows.apply(x2, bn.weight, bn.bias, mean, var, 0.1, bn.eps, _NoDraw())
+    torch.testing.assert_close(out, bn(x), rtol=1e-10, atol=1e-12)
+    for g, e in zip(torch.autograd.grad(out, [x2, *params], dy), exact, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_batch_norm_running_statistics_match_nn(momentum):
+    torch.manual_seed(0)
+    model, plain = Net(norm=True), Net(norm=True)
+    for m in (model, plain):
+        m.bn.momentum = momentum
+    plain.load_state_dict(model.state_dict())
+    approximate(model, BatchCRS(batch_norm="scale"), exclude=None)
+    assert type(model.bn) is not nn.BatchNorm2d  # the sampled training forward is the swapped one
+    for _ in range(3):
+        x = torch.randn(8, 3, 4, 4)
+        model(x).sum().backward()
+        plain(x).sum().backward()
+    for key, value in plain.bn.state_dict().items():
+        torch.testing.assert_close(model.bn.state_dict()[key], value)
+
+
+def test_restore_puts_batch_norm_back():
+    model = Net(norm=True)
+    keys = list(model.state_dict())
+    approximate(model, BatchCRS(batch_norm="scale"), exclude=None)
+    restore(model)
+    assert type(model.bn) is nn.BatchNorm2d and "_batch_crs" not in model.bn.__dict__
+    assert list(model.state_dict()) == keys
+
+
+def test_other_batch_norms_are_named_in_a_warning():
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    with pytest.warns(UserWarning, match=r"batch norm layers \['1'\] are not plain nn.BatchNorm2d"):
+        approximate(model, BatchCRS(batch_norm="scale"), exclude=None)
+
+
+def test_drop_leaves_batch_norm_alone():
+    model = Net(norm=True)
+    approximate(model, "batch_crs", exclude=None)
+    assert type(model.bn) is nn.BatchNorm2d
