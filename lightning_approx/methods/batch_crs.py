@@ -55,6 +55,11 @@ def undrawn(rows: tuple[slice, ...], n: int) -> tuple[slice, ...]:
     return tuple(r for r in (slice(0, rows[0].start), slice(rows[0].stop, n)) if r.start < r.stop)
 
 
+def row_count(rows: tuple[slice, ...], n: int) -> int:
+    """How many of ``range(n)`` the slices hold."""
+    return sum(len(range(n)[r]) for r in rows)
+
+
 def _zero_outside(t: Tensor, rows: tuple[slice, ...]) -> Tensor:
     """An uninitialised tensor like ``t`` whose undrawn rows are zero (the drawn ones are written next)."""
     out = torch.empty_like(t)
@@ -118,7 +123,7 @@ class _BatchNormRows(torch.autograd.Function):
         x, weight, mean, invstd = ctx.saved_tensors
         n = x.shape[0]
         rows = ctx.method._active[0] if ctx.method._active is not None else (slice(0, n),)
-        k = sum(len(range(n)[r]) for r in rows)
+        k = row_count(rows, n)
         shape = (1, -1) + (1,) * (x.dim() - 2)
         mean, invstd = mean.view(shape), invstd.view(shape)
         dims = [0, *range(2, x.dim())]
@@ -280,7 +285,7 @@ class BatchCRS(Method):
         return rows
 
     def _computed(self, macs: int, rows: tuple[slice, ...], n: int) -> int:
-        return macs * sum(len(range(n)[r]) for r in rows) // n
+        return macs * row_count(rows, n) // n
 
     # --- Conv2d: the products on the drawn rows; zero rows elsewhere ---------------------
     def conv2d_grads(self, site: LayerSite, x: Tensor, weight: Tensor, dy: Tensor
