@@ -68,15 +68,19 @@ class LayerSite:
             self.generator(torch.device(dev)).set_state(state)
 
 
-def _autocast(x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
-    """The operands as autocast would give them to conv2d / linear (both run in its lower
-    precision): a custom autograd Function is not autocast, so its backward would otherwise
-    meet a low-precision ``x`` next to a float32 weight."""
+def _apply(function: type[torch.autograd.Function], x: Tensor, weight: Tensor, bias: Tensor | None,
+           site: LayerSite, mask_context: Any) -> Tensor:
+    """``function.apply`` on the operands autocast would give conv2d / linear (both run in its
+    lower precision), with autocast off inside: a custom autograd Function is not autocast, so
+    its backward would otherwise meet a low-precision ``x`` next to a float32 weight. Without
+    autocast it is a plain call (entering a disabled autocast region costs time every step)."""
     device = x.device.type
     if not torch.is_autocast_enabled(device):
-        return x, weight, bias
+        return function.apply(x, weight, bias, site, mask_context)
     dtype = torch.get_autocast_dtype(device)
-    return x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+    with torch.autocast(device, enabled=False):
+        return function.apply(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype), site,
+                              mask_context)
 
 
 def _like(dy: Tensor, x: Tensor) -> Tensor:
@@ -157,9 +161,7 @@ class ApproxConv2d(nn.Conv2d):
         x = site.geometry.prepare_input(x)
         if pipeline.forward_method is not None:
             return pipeline.forward_method.conv2d_forward(site, x, self.weight, self.bias)
-        x, weight, bias = _autocast(x, self.weight, self.bias)
-        with torch.autocast(x.device.type, enabled=False):
-            return _Conv2dFunction.apply(x, weight, bias, site, mask_context)
+        return _apply(_Conv2dFunction, x, self.weight, self.bias, site, mask_context)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, approx={self.approx_site.pipeline!r}"
@@ -181,9 +183,7 @@ class ApproxLinear(nn.Linear):
         if pipeline.forward_method is not None:
             return pipeline.forward_method.linear_forward(site, x, self.weight, self.bias)
         mask_context = pipeline.input_context(site, x)
-        x, weight, bias = _autocast(x, self.weight, self.bias)
-        with torch.autocast(x.device.type, enabled=False):
-            return _LinearFunction.apply(x, weight, bias, site, mask_context)
+        return _apply(_LinearFunction, x, self.weight, self.bias, site, mask_context)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, approx={self.approx_site.pipeline!r}"

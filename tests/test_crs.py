@@ -216,3 +216,134 @@ def test_merged_draws_give_the_same_estimate(rows):
         live = row_idx[row_scale > 0]
         assert torch.equal(live, live.unique(sorted=True))  # distinct, ascending
         assert (row_scale[len(live):] == 0).all()  # padding only at the end
+
+
+# --- probabilities="uniform": one window of k pairs, scaled by n / k ----------------------------
+def _windows(n: int, k: int) -> list[tuple[slice, ...]]:
+    """Every window draw_rows can return, each as likely as the others."""
+    starts = range(0, n, k) if n % k == 0 else range(n)
+    return [(slice(s, s + k),) if s + k <= n else (slice(s, n), slice(0, s + k - n)) for s in starts]
+
+
+def _mean_over_windows(monkeypatch, draw, n: int, k: int) -> torch.Tensor:
+    """The estimator's expectation, exactly: its mean over every equally likely window."""
+    import lightning_approx.methods.sampling as sampling
+
+    total = None
+    for window in _windows(n, k):
+        monkeypatch.setattr(sampling, "draw_rows", lambda n_, k_, gen, w=window: w)
+        g = draw()
+        total = g if total is None else total + g
+    return total / len(_windows(n, k))
+
+
+def test_windows_are_draw_rows_outcomes():
+    from lightning_approx.ops.sampling import draw_rows
+
+    gen = torch.Generator().manual_seed(0)
+    for n, k in [(6, 3), (6, 4), (8, 3)]:
+        seen = {tuple((r.start, r.stop) for r in draw_rows(n, k, gen)) for _ in range(400)}
+        assert seen == {tuple((r.start, r.stop) for r in w) for w in _windows(n, k)}
+
+
+@pytest.mark.parametrize("cfg", [CONV_CONFIGS[1], CONV_CONFIGS[3], CONV_CONFIGS[4]],
+                         ids=["strided", "grouped", "depthwise"])
+@pytest.mark.parametrize("ratio", [0.5, 0.4], ids=["divides", "wraps"])
+def test_uniform_conv_crs_is_unbiased(monkeypatch, cfg, ratio):
+    """Exactly unbiased: the mean over every window is the exact gradient (float64)."""
+    from lightning_approx.ops.conv import conv2d_grad_input, conv2d_grad_weight
+    from lightning_approx.ops.sampling import sample_count
+
+    layer = nn.Conv2d(**cfg).double()
+    method = CRS(sample_ratio=ratio, probabilities="uniform")
+    site = _site(layer, method)
+    x = torch.randn(6, cfg["in_channels"], 7, 7, dtype=torch.float64)
+    w = layer.weight.detach()
+    dy = torch.randn_like(layer(x).detach())
+    per_group = w.shape[0] // cfg.get("groups", 1)
+    mean_w = _mean_over_windows(monkeypatch, lambda: method.conv2d_grad_weight(site, x, w, dy)[0],
+                                6, sample_count(ratio, 6))
+    mean_x = _mean_over_windows(monkeypatch, lambda: method.conv2d_grad_input(site, x, w, dy)[0],
+                                per_group, sample_count(ratio, per_group))
+    torch.testing.assert_close(mean_w, conv2d_grad_weight(site.geometry, x, w, dy), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(mean_x, conv2d_grad_input(site.geometry, x, w, dy), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.375], ids=["divides", "wraps"])
+def test_uniform_linear_crs_is_unbiased(monkeypatch, ratio):
+    layer = nn.Linear(6, 8).double()
+    method = CRS(sample_ratio=ratio, probabilities="uniform")
+    site = _site(layer, method)
+    x = torch.randn(8, 6, dtype=torch.float64)
+    w = layer.weight.detach()
+    dy = torch.randn(8, 8, dtype=torch.float64)
+    k = round(ratio * 8)
+    mean_w = _mean_over_windows(monkeypatch, lambda: method.linear_grad_weight(site, x, w, dy)[0], 8, k)
+    mean_x = _mean_over_windows(monkeypatch, lambda: method.linear_grad_input(site, x, w, dy)[0], 8, k)
+    torch.testing.assert_close(mean_w, dy.t() @ x, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(mean_x, dy @ w, rtol=1e-10, atol=1e-12)
+
+
+def test_uniform_runs_one_window_without_norms(monkeypatch):
+    """The uniform draw computes exactly k samples and k channels, which are neighbours, and
+    never takes a norm."""
+    import lightning_approx.methods.sampling as sampling
+
+    def no_norms(*_):
+        raise AssertionError("probabilities='uniform' must not compute norms")
+
+    monkeypatch.setattr(sampling.kops, "sample_norms", no_norms)
+    monkeypatch.setattr(sampling.kops, "plane_sq_norms", no_norms)
+    seen = []
+    real_w = sampling.conv2d_grad_weight
+    monkeypatch.setattr(sampling, "conv2d_grad_weight",
+                        lambda g, x, w, dy: seen.append(x.shape[0]) or real_w(g, x, w, dy))
+    layer = nn.Conv2d(4, 8, 3, padding=1)
+    approximate(layer, "crs", sample_ratio=0.25, probabilities="uniform", exclude=None)
+    x = torch.randn(16, 4, 8, 8, requires_grad=True)
+    layer(x).sum().backward()
+    assert seen == [4]  # k divides n: one block, one product
+    site = patched_sites(layer)[0]
+    assert site.work.computed == 16 * 8 * 64 * 4 * 9 * (4 / 16 + 2 / 8)
+
+
+def test_uniform_keeps_channels_last():
+    layer = nn.Conv2d(4, 8, 3, padding=1).to(memory_format=torch.channels_last)
+    approximate(layer, "crs", sample_ratio=0.3, probabilities="uniform", exclude=None)
+    x = torch.randn(5, 4, 8, 8).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    layer(x).sum().backward()
+    assert x.grad.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("kwargs,field", [({"probabilities": "softmax"}, "crs.probabilities"),
+                                          ({"probabilities": "uniform", "uniform_mix": 0.1}, "crs.uniform_mix")])
+def test_uniform_config_errors(kwargs, field):
+    from lightning_approx import ConfigError
+
+    with pytest.raises(ConfigError, match=field):
+        CRS(**kwargs)
+
+
+def test_bernoulli_and_topk_take_no_probabilities():
+    from lightning_approx.methods import BernoulliCRS, TopK
+
+    for cls in (BernoulliCRS, TopK):
+        with pytest.raises(TypeError):
+            cls(probabilities="uniform")
+        assert "probabilities" not in cls().to_config()
+
+
+def test_autocast_runs_the_sampled_layers_in_its_precision():
+    """Under autocast the patched layers compute in its dtype, as the plain ones do, and the
+    parameters' gradients stay in theirs."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 4))
+    x = torch.randn(4, 3, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = model(x)
+    approximate(model, "crs", sample_ratio=0.5, exclude=None)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    assert out.dtype == plain.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())

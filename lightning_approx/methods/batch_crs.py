@@ -35,7 +35,7 @@ from lightning_approx.errors import ConfigError
 from lightning_approx.methods.base import Hyperparameter, Method
 from lightning_approx.methods.registry import register
 from lightning_approx.ops.conv import conv2d_grad_input, conv2d_grad_weight, conv2d_grads
-from lightning_approx.ops.sampling import sample_count
+from lightning_approx.ops.sampling import draw_rows, row_count, sample_count
 from lightning_approx.schedules import Schedule
 
 if TYPE_CHECKING:
@@ -55,27 +55,12 @@ def undrawn(rows: tuple[slice, ...], n: int) -> tuple[slice, ...]:
     return tuple(r for r in (slice(0, rows[0].start), slice(rows[0].stop, n)) if r.start < r.stop)
 
 
-def row_count(rows: tuple[slice, ...], n: int) -> int:
-    """How many of ``range(n)`` the slices hold."""
-    return sum(len(range(n)[r]) for r in rows)
-
-
 def _zero_outside(t: Tensor, rows: tuple[slice, ...]) -> Tensor:
     """An uninitialised tensor like ``t`` whose undrawn rows are zero (the drawn ones are written next)."""
     out = torch.empty_like(t)
     for r in undrawn(rows, t.shape[0]):
         out[r].zero_()
     return out
-
-
-def draw_rows(n: int, k: int, generator: torch.Generator) -> tuple[slice, ...]:
-    """The drawn rows as one or two slices of ``range(n)``; each row is in them with probability k/n."""
-    if n % k == 0:
-        start = k * int(torch.randint(n // k, (1,), generator=generator))
-    else:
-        start = int(torch.randint(n, (1,), generator=generator))
-    end = start + k
-    return (slice(start, end),) if end <= n else (slice(start, n), slice(0, end - n))
 
 
 class _DrawnRows(torch.autograd.Function):

@@ -13,6 +13,12 @@ samples, and the input gradient ``sum_c conv_t(dy_c, W_c)`` from k of the output
 unbiased, and the products run on the gathered, smaller tensors. A pair drawn more than once
 is gathered once with its scales summed (on CPU), so k draws cost only their distinct pairs
 (at most about 0.39 n of them at k = n/2).
+
+``crs`` with ``probabilities="uniform"`` draws its k pairs without replacement and with equal
+probabilities, as one contiguous window (:func:`~lightning_approx.ops.sampling.draw_rows`),
+scaled by n / k: also unbiased. It needs no norms and no gathers of the batch (a window of the
+batch is a view). On a CPU those passes over the activations cost about as much as the
+sampling saves (docs/methods/crs.md).
 """
 
 from __future__ import annotations
@@ -28,7 +34,15 @@ from lightning_approx.kernels import ops as kops
 from lightning_approx.methods.base import Hyperparameter, Method
 from lightning_approx.methods.registry import register
 from lightning_approx.ops.conv import conv2d_grad_input, conv2d_grad_weight
-from lightning_approx.ops.sampling import bernoulli_sample, crs_sample, merge_duplicates, sample_count, topk_select
+from lightning_approx.ops.layout import is_channels_last
+from lightning_approx.ops.sampling import (
+    bernoulli_sample,
+    crs_sample,
+    draw_rows,
+    merge_duplicates,
+    sample_count,
+    topk_select,
+)
 from lightning_approx.schedules import Schedule
 
 if TYPE_CHECKING:
@@ -40,6 +54,22 @@ SAMPLE_RATIO = Hyperparameter(low=0.0, high=1.0, low_open=True, high_open=False,
 
 GRADS = {"both": frozenset({"grad_input", "grad_weight"}), "weight": frozenset({"grad_weight"}),
          "input": frozenset({"grad_input"})}
+PROBABILITIES = ("norms", "uniform")
+
+
+def _window_product(rows: tuple[slice, ...], product) -> Tensor:
+    """``product(r)`` summed over the slices of a drawn window (two where it wraps)."""
+    total = product(rows[0])
+    for r in rows[1:]:
+        total = total.add_(product(r))
+    return total
+
+
+def _channel_window(t: Tensor, rows: tuple[slice, ...]) -> Tensor:
+    """``t[:, rows]`` as one dense tensor in ``t``'s memory format (the products need it dense)."""
+    fmt = torch.channels_last if is_channels_last(t) else torch.contiguous_format
+    parts = [t[:, r] for r in rows]
+    return (parts[0] if len(parts) == 1 else torch.cat(parts, 1)).contiguous(memory_format=fmt)
 
 
 @register
@@ -54,6 +84,10 @@ class CRS(Method):
         grads: Which backward products are sampled: ``"both"``, ``"weight"`` (the input
             gradient stays exact, so no sampling noise travels down the network) or
             ``"input"``.
+        probabilities: ``"norms"`` (Adelman et al.'s p ∝ ||A_i||·||B_i||, k draws with
+            replacement) or ``"uniform"`` (k distinct pairs with equal probabilities, one
+            contiguous window of the batch / of the output channels, scaled by n / k). Uniform
+            needs no norms and no gathers; on a CPU it is the faster one (docs/methods/crs.md).
     """
 
     name = "crs"
@@ -61,7 +95,8 @@ class CRS(Method):
     unbiased = True
     hyperparameters: ClassVar[dict[str, Hyperparameter]] = {"sample_ratio": SAMPLE_RATIO}
 
-    def __init__(self, sample_ratio: float | Schedule = 0.5, uniform_mix: float = 0.0, grads: str = "both") -> None:
+    def __init__(self, sample_ratio: float | Schedule = 0.5, uniform_mix: float = 0.0, grads: str = "both",
+                 probabilities: str = "norms") -> None:
         super().__init__()
         self._set("sample_ratio", sample_ratio)
         if grads not in GRADS:
@@ -73,9 +108,17 @@ class CRS(Method):
             raise ConfigError(f"{self.name}.uniform_mix", uniform_mix, "must lie in [0, 1)",
                               "give 0.0 for pure norm-proportional sampling, or e.g. 0.1")
         self.uniform_mix = float(uniform_mix)
+        if probabilities not in PROBABILITIES:
+            raise ConfigError(f"{self.name}.probabilities", probabilities, "unknown sampling distribution",
+                              f"use one of {list(PROBABILITIES)}")
+        if probabilities == "uniform" and self.uniform_mix:
+            raise ConfigError(f"{self.name}.uniform_mix", uniform_mix, "mixes the uniform distribution into the "
+                              "norm-proportional one, so it has no meaning with probabilities='uniform'",
+                              "drop uniform_mix, or use probabilities='norms'")
+        self.probabilities = probabilities
 
     def options(self) -> dict:
-        return {"uniform_mix": self.uniform_mix, "grads": self.grads}
+        return {"uniform_mix": self.uniform_mix, "grads": self.grads, "probabilities": self.probabilities}
 
     # --- pair selection: the part bernoulli_crs / topk change ----------------------------
     def select(self, weights: Tensor, k: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -106,6 +149,10 @@ class CRS(Method):
         if self._exact():
             return conv2d_grad_weight(geom, x, weight, dy), macs
         k = sample_count(self.value("sample_ratio"), n)
+        if self.probabilities == "uniform":
+            rows = draw_rows(n, k, site.generator(torch.device("cpu")))
+            grad = _window_product(rows, lambda r: conv2d_grad_weight(geom, x[r], weight, dy[r]))
+            return grad.mul_(n / k), macs * k // n
         norms = kops.sample_norms(x) * self._plane_sq_norms(dy).sum(1).sqrt()
         idx, scale = self.select(norms, k, site.generator(x.device))
         dy_k = kops.gather_scale(dy, idx, scale, 0)
@@ -120,6 +167,15 @@ class CRS(Method):
         cout, groups = weight.shape[0], geom.groups
         per_group = cout // groups
         k = sample_count(self.value("sample_ratio"), per_group)
+        if self.probabilities == "uniform":
+            # One window of each group's channels (the same offsets in every group).
+            rows = draw_rows(per_group, k, site.generator(torch.device("cpu")))
+            if groups > 1:
+                rows = tuple(slice(g * per_group + r.start, g * per_group + r.stop)
+                             for g in range(groups) for r in rows)
+            weight_k = torch.cat([weight[r] for r in rows]).mul_(per_group / k)  # scale the small operand
+            grad = conv2d_grad_input(geom, x, weight_k, _channel_window(dy, rows))
+            return grad, macs * k // per_group
         # Grouped convs keep their structure: the same number of channels from every group.
         norms = kops.sample_norms(weight) * self._plane_sq_norms(dy).sum(0).sqrt()
         idx, scale = self.select(norms.view(groups, per_group), k, site.generator(x.device))
@@ -138,6 +194,9 @@ class CRS(Method):
         if self._exact():
             return dy.t().mm(x), macs
         k = sample_count(self.value("sample_ratio"), n)
+        if self.probabilities == "uniform":
+            rows = draw_rows(n, k, site.generator(torch.device("cpu")))
+            return _window_product(rows, lambda r: dy[r].t().mm(x[r])).mul_(n / k), macs * k // n
         norms = torch.linalg.vector_norm(x, dim=1) * torch.linalg.vector_norm(dy, dim=1)
         idx, scale = self.select(norms, k, site.generator(x.device))
         dy_k = kops.gather_scale(dy, idx, scale, 0)
@@ -149,6 +208,9 @@ class CRS(Method):
         if self._exact():
             return dy.mm(weight), macs
         k = sample_count(self.value("sample_ratio"), out)
+        if self.probabilities == "uniform":
+            rows = draw_rows(out, k, site.generator(torch.device("cpu")))
+            return _window_product(rows, lambda r: dy[:, r].mm(weight[r] * (out / k))), macs * k // out
         norms = torch.linalg.vector_norm(weight, dim=1) * torch.linalg.vector_norm(dy, dim=0)
         idx, scale = self.select(norms, k, site.generator(x.device))
         weight_k = kops.gather_scale(weight, idx, scale, 0)
@@ -162,9 +224,16 @@ class BernoulliCRS(CRS):
     Args:
         sample_ratio: Expected fraction of pairs kept; a float or a schedule. 1.0 is exact.
         uniform_mix: Weight of the uniform distribution mixed into the weights, in [0, 1).
+        grads: Which backward products are sampled, as for ``crs``.
     """
 
     name = "bernoulli_crs"
+
+    def __init__(self, sample_ratio: float | Schedule = 0.5, uniform_mix: float = 0.0, grads: str = "both") -> None:
+        super().__init__(sample_ratio=sample_ratio, uniform_mix=uniform_mix, grads=grads)
+
+    def options(self) -> dict:
+        return {"uniform_mix": self.uniform_mix, "grads": self.grads}
 
     def select(self, weights: Tensor, k: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         return bernoulli_sample(weights, k, generator, self.uniform_mix)
@@ -177,6 +246,7 @@ class TopK(CRS):
 
     Args:
         sample_ratio: Fraction of pairs kept; a float or a schedule. 1.0 is exact.
+        grads: Which backward products are sampled, as for ``crs``.
     """
 
     name = "topk"

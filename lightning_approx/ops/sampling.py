@@ -18,6 +18,28 @@ def sample_count(ratio: float, n: int) -> int:
     return min(n, max(1, math.ceil(ratio * n - 1e-9)))
 
 
+def draw_rows(n: int, k: int, generator: torch.Generator) -> tuple[slice, ...]:
+    """k of ``range(n)`` with equal probabilities, as one contiguous window: a random one of
+    the n / k blocks when k divides n, else a random cyclic window (one or two slices).
+
+    Every index is in the window with probability k / n, so scaling the kept pairs by n / k is
+    unbiased. Slices of a batch-major tensor are views: the draw costs no gather. Neighbours
+    are always drawn together, which costs nothing over a random subset where the order is
+    random (a shuffled batch) and adds variance where neighbours are alike.
+    """
+    if n % k == 0:
+        start = k * int(torch.randint(n // k, (1,), generator=generator))
+    else:
+        start = int(torch.randint(n, (1,), generator=generator))
+    end = start + k
+    return (slice(start, end),) if end <= n else (slice(start, n), slice(0, end - n))
+
+
+def row_count(rows: tuple[slice, ...], n: int) -> int:
+    """How many of ``range(n)`` the slices hold."""
+    return sum(len(range(n)[r]) for r in rows)
+
+
 def crs_probabilities(weights: Tensor, uniform_mix: float = 0.0) -> Tensor:
     """Sampling distribution p_i ∝ w_i, mixed with the uniform one.
 

@@ -8,7 +8,8 @@ from torch import nn
 
 from lightning_approx import ConfigError, approximate, restore
 from lightning_approx.methods import BatchCRS
-from lightning_approx.methods.batch_crs import _BatchNormRows, draw_rows, undrawn
+from lightning_approx.methods.batch_crs import _BatchNormRows, undrawn
+from lightning_approx.ops.sampling import draw_rows
 from lightning_approx.surgery import patched_sites
 
 
