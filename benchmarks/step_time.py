@@ -5,10 +5,14 @@ interleaved, one step each per round, in an order shuffled every round (seeded),
 machine load hit all of them alike and no variant always runs first or after the same other one. Each
 step is split into forward, backward and optimizer time; the table reports medians over the
 timed rounds and ratios to the plain ``nn`` layers ("exact"), and the fraction of the
-backward multiply-accumulates computed. After the timed rounds, ``--layer-steps`` more rounds
-time every Conv2d / Linear of every variant with module hooks (forward, and backward from the
-gradient reaching the layer's output to its input gradient); the hooks cost time of their own,
-so those rounds are reported separately and never mixed into the step times.
+backward multiply-accumulates computed. Because the machine's speed drifts during a run, it also
+reports the paired ratio: in each round a variant's step over exact's step of the same round,
+their median, and a distribution-free 95% confidence interval of that median (order statistics
+of the rounds), so a target can be read as met, missed or not resolved by the run. After the
+timed rounds, ``--layer-steps`` more rounds time every Conv2d / Linear of every variant with
+module hooks (forward, and backward from the gradient reaching the layer's output to its input
+gradient); the hooks cost time of their own, so those rounds are reported separately and never
+mixed into the step times.
 
     python benchmarks/step_time.py                                   # ResNet-20, batch 128, crs 0.5 / 0.25
     python benchmarks/step_time.py --variants all --json out.json    # every method, default and exact settings
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import platform
 import random
@@ -136,6 +141,35 @@ def round_orders(keys: list[str], rounds: int, seed: int = 0) -> list[list[str]]
     return orders
 
 
+def median_ci(values: list[float], level: float = 0.95) -> tuple[float, float]:
+    """A distribution-free confidence interval of the median: the order statistics ``j`` and
+    ``m + 1 - j`` of the ``m`` values, with ``j`` the largest rank whose binomial(m, 1/2) tail
+    keeps the coverage at least ``level``. Needs at least 6 values at 0.95."""
+    m = len(values)
+    tail = (1 - level) / 2
+    j, cdf = 0, 0.0
+    while True:  # P(Bin(m, 1/2) <= j) <= tail  <=>  rank j + 1 is a valid lower bound
+        nxt = cdf + math.comb(m, j) / 2 ** m
+        if nxt > tail:
+            break
+        cdf, j = nxt, j + 1
+    if j == 0:
+        raise ValueError(f"{m} values are too few for a {level:.0%} interval of the median; time more steps")
+    ordered = sorted(values)
+    return ordered[j - 1], ordered[m - j]
+
+
+def paired_ratios(times: dict[str, dict[str, list[float]]], part: str) -> dict[str, dict[str, float]]:
+    """Per-round ``part`` time of each variant over exact's in the same round: median and 95% CI."""
+    exact = times["exact"][part]
+    out = {}
+    for key, rec in times.items():
+        ratios = [v / e for v, e in zip(rec[part], exact, strict=True)]
+        lo, hi = median_ci(ratios) if len(ratios) >= 6 else (float("nan"), float("nan"))
+        out[key] = {"median": statistics.median(ratios), "ci_low": lo, "ci_high": hi}
+    return out
+
+
 def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     device = torch.device(args.device)
@@ -171,6 +205,7 @@ def run(args: argparse.Namespace) -> dict:
             timer.remove()
             layers[key] = timer.medians()
     medians = {k: {part: statistics.median(v) for part, v in rec.items()} for k, rec in times.items()}
+    paired = {part: paired_ratios(times, part) for part in ("step", "backward")}
     return {
         "benchmark": "step_time",
         "model": args.model, "batch_size": args.batch_size, "image_size": args.image_size,
@@ -178,20 +213,33 @@ def run(args: argparse.Namespace) -> dict:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "threads": torch.get_num_threads(), "torch": torch.__version__, "date": date.today().isoformat(),
         "steps": args.steps, "warmup": args.warmup, "layer_steps": args.layer_steps,
-        "command": " ".join(["python", *sys.argv]), "medians": medians, "layers": layers,
+        "command": " ".join(["python", *sys.argv]), "medians": medians, "paired": paired,
+        "rounds": {k: {part: rec[part] for part in ("forward", "backward", "step")} for k, rec in times.items()},
+        "layers": layers,
     }
 
 
 def table(result: dict, reference: dict | None = None) -> str:
     med = result["medians"]
     ex = med["exact"]
+    paired = result.get("paired")  # absent from JSON saved before it existed
+
+    def ci(part: str, key: str) -> str:
+        r = paired[part][key]
+        if math.isnan(r["ci_low"]):  # fewer than 6 rounds
+            return f"{r['median']:.3f}"
+        return f"{r['median']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
+
     lines = ["| variant | forward (ms) | backward (ms) | step (ms) | fwd / exact | bwd / exact | step / exact "
-             "| backward work |" + (" step vs saved |" if reference else ""),
-             "|---|---|---|---|---|---|---|---|" + ("---|" if reference else "")]
+             "| backward work |" + (" step / exact, paired [95% CI] | bwd / exact, paired [95% CI] |" if paired else "")
+             + (" step vs saved |" if reference else ""),
+             "|---|---|---|---|---|---|---|---|" + ("---|---|" if paired else "") + ("---|" if reference else "")]
     for key, m in med.items():
         row = (f"| {key} | {1e3 * m['forward']:.1f} | {1e3 * m['backward']:.1f} | {1e3 * m['step']:.1f} | "
                f"{m['forward'] / ex['forward']:.3f} | {m['backward'] / ex['backward']:.3f} | "
                f"{m['step'] / ex['step']:.3f} | {100 * m['work']:.1f}% |")
+        if paired:
+            row += f" {ci('step', key)} | {ci('backward', key)} |"
         if reference:
             ref = reference["medians"].get(key)
             row += f" {m['step'] / ref['step']:.3f} |" if ref else " - |"
