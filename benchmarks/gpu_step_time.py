@@ -3,6 +3,7 @@
     python benchmarks/gpu_step_time.py                                   # ResNet-20 and ResNet-50
     python benchmarks/gpu_step_time.py --json docs/bench/gpu_step_time_h100.json
     python benchmarks/gpu_step_time.py --models resnet20 --methods crs topk --backends auto torch
+    python benchmarks/gpu_step_time.py --methods crs crs:probabilities=uniform batch_crs   # with settings
 
 Two workloads, both with synthetic data, bfloat16 autocast and channels-last model and input:
 ResNet-20 on CIFAR-sized images (32 px, batch 256) and ResNet-50 at 224 px (batch 128). Every
@@ -42,6 +43,7 @@ def require_cuda(script: str) -> None:
 
 def _variants(model_name: str, methods: list[str], backends: list[str]) -> dict[str, tuple[nn.Module, str | None]]:
     from lightning_approx import approximate
+    from lightning_approx.methods import parse_spec
     from lightning_approx.models import build_model
 
     _, _, classes = WORKLOADS[model_name]
@@ -50,7 +52,7 @@ def _variants(model_name: str, methods: list[str], backends: list[str]) -> dict[
     for method in methods:
         for backend in backends:
             model = copy.deepcopy(base)
-            approximate(model, method, seed=0)
+            approximate(model, parse_spec(method), seed=0)
             key = method if len(backends) == 1 else f"{method} [{backend}]"
             variants[key] = (model, backend)
     return variants
@@ -139,7 +141,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
-    p.add_argument("--methods", nargs="+", default=sorted(METHODS), help="registered method names (default: all)")
+    p.add_argument("--methods", nargs="+", default=sorted(METHODS),
+                   help="registered method names, with settings as step_time.py takes them "
+                        "(crs:probabilities=uniform; default: every method at its defaults)")
     p.add_argument("--backends", nargs="+", default=["auto"], choices=["auto", "torch", "cuda"],
                    help="kernel backends each method runs under")
     p.add_argument("--steps", type=int, default=30, help="timed rounds (median over them)")
@@ -147,7 +151,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--json", type=Path, help="write the result here")
     args = p.parse_args(argv)
     require_cuda("benchmarks/gpu_step_time.py")
-    unknown = sorted(set(args.methods) - set(METHODS))
+    from lightning_approx.methods import parse_spec
+
+    unknown = sorted({cfg["name"] for spec in args.methods for cfg in parse_spec(spec)} - set(METHODS))
     if unknown:
         p.error(f"unknown methods {unknown}; registered: {sorted(METHODS)}")
     torch.backends.cudnn.benchmark = True
