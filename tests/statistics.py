@@ -1,4 +1,5 @@
-"""A CLT test of unbiasedness for Monte-Carlo gradient estimators."""
+"""Tests of unbiasedness: a CLT test for Monte-Carlo estimators, and the exact expectation of
+the uniform window draw."""
 
 from __future__ import annotations
 
@@ -53,3 +54,20 @@ def looks_biased(draw: Callable[[], Tensor], exact: Tensor, samples: int = 2000)
     d = exact.numel()
     bound = math.sqrt(2 * math.log(2 * d / 1e-4)) + 1.0
     return fixed_error > 1e-6 or mean_t2 > 1.0 + 6 * math.sqrt(2 / d) + 0.15 or max_t > bound
+
+
+def windows(n: int, k: int) -> list[tuple[slice, ...]]:
+    """Every window ``draw_rows(n, k)`` can return, each as likely as the others."""
+    starts = range(0, n, k) if n % k == 0 else range(n)
+    return [(slice(s, s + k),) if s + k <= n else (slice(s, n), slice(0, s + k - n)) for s in starts]
+
+
+def mean_over_windows(monkeypatch, module, draw: Callable[[], Tensor], n: int, k: int) -> Tensor:
+    """An estimator's expectation over the uniform window draw, exactly: the mean of ``draw()``
+    over every equally likely window, each forced by patching ``module.draw_rows``."""
+    total = None
+    for window in windows(n, k):
+        monkeypatch.setattr(module, "draw_rows", lambda n_, k_, gen, w=window: w)
+        g = draw()
+        total = g if total is None else total + g
+    return total / len(windows(n, k))

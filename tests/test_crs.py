@@ -7,10 +7,11 @@ import pytest
 import torch
 from torch import nn
 
+import lightning_approx.methods.sampling as sampling
 from lightning_approx import approximate, restore
 from lightning_approx.methods import CRS, Pipeline
 from lightning_approx.surgery import patched_sites
-from tests.statistics import assert_unbiased, looks_biased
+from tests.statistics import assert_unbiased, looks_biased, mean_over_windows, windows
 
 CONV_CONFIGS = [
     dict(in_channels=4, out_channels=6, kernel_size=3),
@@ -135,7 +136,6 @@ def test_statistical_check_rejects_a_biased_estimator():
 def test_sampled_products_run_on_smaller_tensors(monkeypatch):
     """Both products run on the distinct drawn rows, not on zero-filled full-size tensors, and
     the work counted is the work done."""
-    import lightning_approx.methods.sampling as sampling
 
     samples, channels = [], []
     real_w, real_x = sampling.conv2d_grad_weight, sampling.conv2d_grad_input
@@ -219,31 +219,13 @@ def test_merged_draws_give_the_same_estimate(rows):
 
 
 # --- probabilities="uniform": one window of k pairs, scaled by n / k ----------------------------
-def _windows(n: int, k: int) -> list[tuple[slice, ...]]:
-    """Every window draw_rows can return, each as likely as the others."""
-    starts = range(0, n, k) if n % k == 0 else range(n)
-    return [(slice(s, s + k),) if s + k <= n else (slice(s, n), slice(0, s + k - n)) for s in starts]
-
-
-def _mean_over_windows(monkeypatch, draw, n: int, k: int) -> torch.Tensor:
-    """The estimator's expectation, exactly: its mean over every equally likely window."""
-    import lightning_approx.methods.sampling as sampling
-
-    total = None
-    for window in _windows(n, k):
-        monkeypatch.setattr(sampling, "draw_rows", lambda n_, k_, gen, w=window: w)
-        g = draw()
-        total = g if total is None else total + g
-    return total / len(_windows(n, k))
-
-
 def test_windows_are_draw_rows_outcomes():
     from lightning_approx.ops.sampling import draw_rows
 
     gen = torch.Generator().manual_seed(0)
     for n, k in [(6, 3), (6, 4), (8, 3)]:
         seen = {tuple((r.start, r.stop) for r in draw_rows(n, k, gen)) for _ in range(400)}
-        assert seen == {tuple((r.start, r.stop) for r in w) for w in _windows(n, k)}
+        assert seen == {tuple((r.start, r.stop) for r in w) for w in windows(n, k)}
 
 
 @pytest.mark.parametrize("cfg", [CONV_CONFIGS[1], CONV_CONFIGS[3], CONV_CONFIGS[4]],
@@ -261,9 +243,9 @@ def test_uniform_conv_crs_is_unbiased(monkeypatch, cfg, ratio):
     w = layer.weight.detach()
     dy = torch.randn_like(layer(x).detach())
     per_group = w.shape[0] // cfg.get("groups", 1)
-    mean_w = _mean_over_windows(monkeypatch, lambda: method.conv2d_grad_weight(site, x, w, dy)[0],
+    mean_w = mean_over_windows(monkeypatch, sampling, lambda: method.conv2d_grad_weight(site, x, w, dy)[0],
                                 6, sample_count(ratio, 6))
-    mean_x = _mean_over_windows(monkeypatch, lambda: method.conv2d_grad_input(site, x, w, dy)[0],
+    mean_x = mean_over_windows(monkeypatch, sampling, lambda: method.conv2d_grad_input(site, x, w, dy)[0],
                                 per_group, sample_count(ratio, per_group))
     torch.testing.assert_close(mean_w, conv2d_grad_weight(site.geometry, x, w, dy), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(mean_x, conv2d_grad_input(site.geometry, x, w, dy), rtol=1e-10, atol=1e-12)
@@ -278,8 +260,8 @@ def test_uniform_linear_crs_is_unbiased(monkeypatch, ratio):
     w = layer.weight.detach()
     dy = torch.randn(8, 8, dtype=torch.float64)
     k = round(ratio * 8)
-    mean_w = _mean_over_windows(monkeypatch, lambda: method.linear_grad_weight(site, x, w, dy)[0], 8, k)
-    mean_x = _mean_over_windows(monkeypatch, lambda: method.linear_grad_input(site, x, w, dy)[0], 8, k)
+    mean_w = mean_over_windows(monkeypatch, sampling, lambda: method.linear_grad_weight(site, x, w, dy)[0], 8, k)
+    mean_x = mean_over_windows(monkeypatch, sampling, lambda: method.linear_grad_input(site, x, w, dy)[0], 8, k)
     torch.testing.assert_close(mean_w, dy.t() @ x, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(mean_x, dy @ w, rtol=1e-10, atol=1e-12)
 
@@ -287,7 +269,6 @@ def test_uniform_linear_crs_is_unbiased(monkeypatch, ratio):
 def test_uniform_runs_one_window_without_norms(monkeypatch):
     """The uniform draw computes exactly k samples and k channels, which are neighbours, and
     never takes a norm."""
-    import lightning_approx.methods.sampling as sampling
 
     def no_norms(*_):
         raise AssertionError("probabilities='uniform' must not compute norms")

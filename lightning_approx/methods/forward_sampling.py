@@ -18,7 +18,11 @@ Selection (option ``selection``):
   deterministic and biased (the dropped channels' contribution is missing);
 - ``"crs"``: k draws with replacement, p_c ∝ score_c, s = 1 / (k p_c): the layer's output is
   an unbiased estimate of the exact output. Gradients through a network are still biased
-  (downstream non-linearities see a noisy input), so the class says ``unbiased = False``.
+  (downstream non-linearities see a noisy input), so the class says ``unbiased = False``;
+- ``"uniform"``: k distinct channels with equal probabilities, one contiguous window of each
+  group's channels (:func:`~lightning_approx.ops.sampling.draw_rows`), s = C_in / k: also an
+  unbiased layer output. It computes no scores (``rank_by`` is not used), so the forward reads
+  the activation once, to copy the window, instead of three times (norms, then gather).
 
 Ranking (option ``rank_by``): ``"weight_activation"`` (default, the score above) or
 ``"weight"`` (``score_c = ||W[:, c]||`` only). Under data parallelism the weights are the same
@@ -46,14 +50,14 @@ from lightning_approx.kernels import ops as kops
 from lightning_approx.methods.base import Hyperparameter, Method
 from lightning_approx.methods.registry import register
 from lightning_approx.methods.sampling import SAMPLE_RATIO
-from lightning_approx.ops.layout import select_channels
-from lightning_approx.ops.sampling import crs_sample, merge_duplicates, sample_count, topk_select
+from lightning_approx.ops.layout import channel_window, select_channels
+from lightning_approx.ops.sampling import crs_sample, draw_rows, merge_duplicates, sample_count, topk_select
 from lightning_approx.schedules import Schedule
 
 if TYPE_CHECKING:
     from lightning_approx.layers import LayerSite
 
-SELECTIONS = ("topk", "crs")
+SELECTIONS = ("topk", "crs", "uniform")
 RANK_BY = ("weight_activation", "weight")
 
 
@@ -65,11 +69,13 @@ class ForwardSampling(Method):
         sample_ratio: Fraction r of the input channels of each group (Linear: input
             features) the forward and backward run on; a float in (0, 1] or a schedule.
             1.0 is exact.
-        selection: ``"topk"`` (the k largest scores, unscaled; deterministic, biased) or
+        selection: ``"topk"`` (the k largest scores, unscaled; deterministic, biased),
             ``"crs"`` (k draws with replacement, p ∝ score, scaled by 1/(k p): an unbiased
-            forward output).
+            forward output) or ``"uniform"`` (one random window of k channels per group,
+            scaled by C_in / k: unbiased, and no scores to compute).
         rank_by: ``"weight_activation"`` (score = weight norm × activation norm) or
             ``"weight"`` (weight norm only: the same channels on every data-parallel rank).
+            Not used by ``selection="uniform"``.
 
     Work is counted when the backward runs (a gradient hook on the layer output): the
     exact backward MACs of the full layer against those of the sampled op, whose two
@@ -87,7 +93,8 @@ class ForwardSampling(Method):
         self._set("sample_ratio", sample_ratio)
         if selection not in SELECTIONS:
             raise ConfigError(f"{self.name}.selection", selection, "unknown selection",
-                              f"use one of {list(SELECTIONS)} ('topk': the paper's best; 'crs': unbiased)")
+                              f"use one of {list(SELECTIONS)} ('topk': the paper's best; 'crs': unbiased; "
+                              "'uniform': unbiased, no scores)")
         self.selection = selection
         if rank_by not in RANK_BY:
             raise ConfigError(f"{self.name}.rank_by", rank_by, "unknown ranking",
@@ -154,6 +161,8 @@ class ForwardSampling(Method):
             self._count_on_backward(site, y, x, weight, macs=geom.macs(x.shape, weight, y.shape), kept=1.0)
             return y
         cout_g = cout // groups
+        if self.selection == "uniform":
+            return self._conv2d_window(site, x, weight, bias, k)
         with torch.no_grad():
             # Scores of each input channel within its group: ||W[:, c]|| over the group's output
             # channels and the kernel, times ||x[:, c]|| over batch and space. Reduced from
@@ -179,6 +188,29 @@ class ForwardSampling(Method):
         self._count_on_backward(site, y, x, weight, macs=geom.macs(x.shape, weight, y.shape), kept=k / cin_g)
         return y
 
+    def _window(self, site: LayerSite, n: int, k: int, groups: int, device: torch.device) -> tuple[slice, ...]:
+        """The uniform draw: one window of k of n channels (host-side slices, from the layer's
+        CPU stream, so a GPU never waits), recorded for a communication hook."""
+        rows = draw_rows(n, k, site.generator(torch.device("cpu")))
+        if self._tracking:
+            idx = torch.cat([torch.arange(n)[r] for r in rows]).to(device)
+            self._record(site, idx.repeat(groups), groups, n, device)
+        return rows
+
+    def _conv2d_window(self, site: LayerSite, x: Tensor, weight: Tensor, bias: Tensor | None, k: int) -> Tensor:
+        """``selection="uniform"``: the conv on one window of each group's input channels
+        (the same offsets in every group), the weight slice scaled by C_in / k."""
+        geom = site.geometry
+        cin_g, groups = weight.shape[1], geom.groups
+        rows = self._window(site, cin_g, k, groups, weight.device)
+        x_rows = rows if groups == 1 else tuple(
+            slice(g * cin_g + r.start, g * cin_g + r.stop) for g in range(groups) for r in rows)
+        # The weight slice is small: scaling it costs nothing next to scaling x.
+        w_k = torch.cat([weight[:, r] for r in rows], 1) * (cin_g / k)
+        y = geom.forward(channel_window(x, x_rows), w_k, bias)
+        self._count_on_backward(site, y, x, weight, macs=geom.macs(x.shape, weight, y.shape), kept=k / cin_g)
+        return y
+
     # --- Linear ----------------------------------------------------------------------------
     def linear_forward(self, site: LayerSite, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         """The training forward of a Linear on k sampled input features (``x``: ``(..., in)``)."""
@@ -189,6 +221,13 @@ class ForwardSampling(Method):
             self._record(site, None, 1, fan_in, weight.device)
             y = F.linear(x, weight, bias)
             self._count_on_backward(site, y, x, weight, macs=macs, kept=1.0)
+            return y
+        if self.selection == "uniform":
+            rows = self._window(site, fan_in, k, 1, weight.device)
+            x_k = x[..., rows[0]] if len(rows) == 1 else torch.cat([x[..., r] for r in rows], -1)
+            w_k = torch.cat([weight[:, r] for r in rows], 1) * (fan_in / k)
+            y = F.linear(x_k, w_k, bias)
+            self._count_on_backward(site, y, x, weight, macs=macs, kept=k / fan_in)
             return y
         with torch.no_grad():
             acc = torch.promote_types(x.dtype, torch.float32)  # half-precision sums lose small features

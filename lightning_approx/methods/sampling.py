@@ -34,7 +34,7 @@ from lightning_approx.kernels import ops as kops
 from lightning_approx.methods.base import Hyperparameter, Method
 from lightning_approx.methods.registry import register
 from lightning_approx.ops.conv import conv2d_grad_input, conv2d_grad_weight
-from lightning_approx.ops.layout import is_channels_last
+from lightning_approx.ops.layout import channel_window
 from lightning_approx.ops.sampling import (
     bernoulli_sample,
     crs_sample,
@@ -63,13 +63,6 @@ def _window_product(rows: tuple[slice, ...], product) -> Tensor:
     for r in rows[1:]:
         total = total.add_(product(r))
     return total
-
-
-def _channel_window(t: Tensor, rows: tuple[slice, ...]) -> Tensor:
-    """``t[:, rows]`` as one dense tensor in ``t``'s memory format (the products need it dense)."""
-    fmt = torch.channels_last if is_channels_last(t) else torch.contiguous_format
-    parts = [t[:, r] for r in rows]
-    return (parts[0] if len(parts) == 1 else torch.cat(parts, 1)).contiguous(memory_format=fmt)
 
 
 @register
@@ -180,7 +173,7 @@ class CRS(Method):
                 rows = tuple(slice(g * per_group + r.start, g * per_group + r.stop)
                              for g in range(groups) for r in rows)
             weight_k = torch.cat([weight[r] for r in rows]).mul_(per_group / k)  # scale the small operand
-            grad = conv2d_grad_input(geom, x, weight_k, _channel_window(dy, rows))
+            grad = conv2d_grad_input(geom, x, weight_k, channel_window(dy, rows))
             return grad, macs * k // per_group
         # Grouped convs keep their structure: the same number of channels from every group.
         norms = kops.sample_norms(weight) * self._plane_sq_norms(dy).sum(0).sqrt()

@@ -24,3 +24,21 @@ def select_channels(t: Tensor, idx: Tensor) -> Tensor:
         return t.index_select(1, idx)
     n, c, h, w = t.shape
     return t.permute(0, 2, 3, 1).reshape(-1, c).index_select(1, idx).view(n, h, w, -1).permute(0, 3, 1, 2)
+
+
+def channel_window(t: Tensor, rows: tuple[slice, ...]) -> Tensor:
+    """``t[:, rows]`` (slices of dim 1) as one dense tensor in ``t``'s memory format (the
+    products need it dense); differentiable.
+
+    A channels-last tensor is sliced as its ``(NHW, C)`` view: the copy is a little faster and
+    its backward (a copy into zeros) about 4x faster than slicing the 4-d tensor, whose
+    gradient goes through a strided 4-d copy (measured on the 2-core CPU, 128x32x16x16).
+    """
+    if not is_channels_last(t):
+        parts = [t[:, r] for r in rows]
+        return (parts[0] if len(parts) == 1 else torch.cat(parts, 1)).contiguous()
+    n, c, h, w = t.shape
+    flat = t.permute(0, 2, 3, 1).reshape(-1, c)
+    parts = [flat[:, r] for r in rows]
+    window = (parts[0] if len(parts) == 1 else torch.cat(parts, 1)).contiguous()
+    return window.view(n, h, w, -1).permute(0, 3, 1, 2)

@@ -271,9 +271,13 @@ class ApproxDDPStrategy(DDPStrategy):
         return isinstance(method, ForwardSampling) and method.rank_by == "weight"
 
     def _seed_layer_streams(self, batch: int) -> None:
+        # The host stream too: uniform windows are drawn on the host whatever the device.
+        devices = {self.root_device, torch.device("cpu")}
         for site in self._sites:
             stream = _SHARED_STREAM if self._shared_stream(site) else self.global_rank
-            site.generator(self.root_device).manual_seed(mix_seed(site.seed, stream, batch, site.index))
+            seed = mix_seed(site.seed, stream, batch, site.index)
+            for device in devices:
+                site.generator(device).manual_seed(seed)
 
     # --- around the backward: agree on channels, report bytes ---------------------------------------
     @override

@@ -13,11 +13,12 @@ import pytest
 import torch
 from torch import nn
 
+import lightning_approx.methods.forward_sampling as forward_sampling
 from lightning_approx import approximate, restore
 from lightning_approx.errors import ConfigError
 from lightning_approx.methods import ForwardSampling, Pipeline, build_method
 from lightning_approx.surgery import make_pipeline, patched_sites
-from tests.statistics import assert_unbiased, looks_biased
+from tests.statistics import assert_unbiased, looks_biased, mean_over_windows
 
 CONV_CONFIGS = [
     dict(in_channels=6, out_channels=5, kernel_size=3, padding=1),
@@ -40,7 +41,7 @@ def _grads(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> list[torch.Te
     return [x.grad] + [p.grad for p in layer.parameters()]
 
 
-@pytest.mark.parametrize("selection", ["topk", "crs"])
+@pytest.mark.parametrize("selection", ["topk", "crs", "uniform"])
 @pytest.mark.parametrize("cfg", CONV_CONFIGS, ids=IDS)
 def test_conv_ratio_one_is_exact(cfg, selection):
     layer = nn.Conv2d(**cfg).double()
@@ -88,6 +89,80 @@ def test_linear_crs_forward_is_unbiased():
     assert_unbiased(lambda: layer(x).detach(), exact, samples=1500)
 
 
+@pytest.mark.parametrize("cfg", [CONV_CONFIGS[1], CONV_CONFIGS[2]], ids=["strided", "grouped"])
+@pytest.mark.parametrize("ratio", [0.5, 0.6], ids=["divides", "wraps"])
+def test_conv_uniform_forward_is_unbiased(monkeypatch, cfg, ratio):
+    """Exactly unbiased: the mean of the sampled forward over every window is the exact output,
+    and so is the mean of its weight gradient (the forward is linear in the weight)."""
+    layer = nn.Conv2d(**cfg).double()
+    x = _uneven_input(2, cfg["in_channels"], 6, 6)
+    exact = layer(x).detach()
+    dy = torch.randn_like(exact)
+    exact_dw = torch.autograd.grad(layer(x), layer.weight, dy)[0]
+    cin_g = cfg["in_channels"] // cfg.get("groups", 1)
+    approximate(layer, ForwardSampling(ratio, selection="uniform"), exclude=None)
+    k = math.ceil(ratio * cin_g)
+    mean_y = mean_over_windows(monkeypatch, forward_sampling, lambda: layer(x).detach(), cin_g, k)
+    mean_dw = mean_over_windows(monkeypatch, forward_sampling,
+                                lambda: torch.autograd.grad(layer(x), layer.weight, dy)[0], cin_g, k)
+    torch.testing.assert_close(mean_y, exact, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(mean_dw, exact_dw, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.6], ids=["divides", "wraps"])
+def test_linear_uniform_forward_is_unbiased(monkeypatch, ratio):
+    layer = nn.Linear(6, 4).double()
+    x = _uneven_input(5, 6)
+    exact = layer(x).detach()
+    approximate(layer, ForwardSampling(ratio, selection="uniform"), exclude=None)
+    mean_y = mean_over_windows(monkeypatch, forward_sampling, lambda: layer(x).detach(), 6, math.ceil(ratio * 6))
+    torch.testing.assert_close(mean_y, exact, rtol=1e-10, atol=1e-12)
+
+
+def test_uniform_runs_on_one_window_without_scores(monkeypatch):
+    """The uniform forward computes no norms, and runs on k neighbouring channels (cyclically)."""
+    def no_norms(*_):
+        raise AssertionError("selection='uniform' must not compute scores")
+
+    monkeypatch.setattr(forward_sampling.kops, "plane_sq_norms", no_norms)
+    layer = nn.Conv2d(8, 4, 3, padding=1).double()
+    approximate(layer, ForwardSampling(0.375, selection="uniform"), exclude=None, seed=1)
+    for _ in range(5):
+        layer.zero_grad()
+        layer(_uneven_input(2, 8, 5, 5)).sum().backward()
+        kept = (layer.weight.grad.abs().sum((0, 2, 3)) > 0).nonzero().flatten().tolist()
+        assert len(kept) == 3
+        assert any(kept == sorted((s + i) % 8 for i in range(3)) for s in range(8))
+
+
+def test_uniform_keeps_channels_last(monkeypatch):
+    """The same op on either layout (the window forced), and the layout is kept."""
+    monkeypatch.setattr(forward_sampling, "draw_rows", lambda n, k, gen: (slice(3, 4), slice(0, 1)))
+    layer = nn.Conv2d(4, 6, 3, padding=1).double()
+    approximate(layer, ForwardSampling(0.5, selection="uniform"), exclude=None)
+    x = _uneven_input(3, 4, 6, 6)
+    dy = torch.randn(3, 6, 6, 6, dtype=torch.float64)
+    contiguous = _grads(layer, x, dy)
+    x_cl, dy_cl = (t.contiguous(memory_format=torch.channels_last) for t in (x, dy))
+    assert layer(x_cl).is_contiguous(memory_format=torch.channels_last)
+    channels_last = _grads(layer, x_cl, dy_cl)
+    assert channels_last[0].is_contiguous(memory_format=torch.channels_last)
+    for a, b in zip(contiguous, channels_last, strict=True):
+        torch.testing.assert_close(a, b)
+    assert torch.equal(contiguous[0].abs().sum((0, 2, 3)) > 0, torch.tensor([True, False, False, True]))
+
+
+def test_uniform_selection_is_recorded_for_the_communication_hook(monkeypatch):
+    monkeypatch.setattr(forward_sampling, "draw_rows", lambda n, k, gen: (slice(3, 4), slice(0, 1)))
+    layer = nn.Conv2d(8, 6, 3, padding=1, groups=2)
+    method = ForwardSampling(0.5, selection="uniform")
+    approximate(layer, method, exclude=None)
+    method.track_selections()
+    layer(torch.randn(2, 8, 5, 5)).sum().backward()
+    mask = method.take_selection(patched_sites(layer)[0].name)
+    assert mask.tolist() == [[True, False, False, True]] * 2
+
+
 def test_topk_forward_has_a_measured_bias():
     layer = nn.Conv2d(6, 5, 3, padding=1).double()
     x = _uneven_input(2, 6, 5, 5)
@@ -100,7 +175,7 @@ def test_topk_forward_has_a_measured_bias():
     assert looks_biased(lambda: layer(x).detach(), exact, samples=20)
 
 
-@pytest.mark.parametrize("selection", ["topk", "crs"])
+@pytest.mark.parametrize("selection", ["topk", "crs", "uniform"])
 def test_conv_gradients_reach_only_sampled_channels(selection):
     layer = nn.Conv2d(8, 5, 3, padding=1).double()
     x = _uneven_input(3, 8, 6, 6).requires_grad_(True)
@@ -133,10 +208,11 @@ def test_channels_last_gives_the_same_op_and_keeps_the_layout(groups):
         torch.testing.assert_close(a, b)
 
 
-def test_grouped_conv_samples_within_each_group():
+@pytest.mark.parametrize("selection", ["topk", "uniform"])
+def test_grouped_conv_samples_within_each_group(selection):
     layer = nn.Conv2d(8, 6, 3, padding=1, groups=2).double()
     x = _uneven_input(2, 8, 5, 5)
-    approximate(layer, ForwardSampling(0.5), exclude=None)
+    approximate(layer, ForwardSampling(0.5, selection=selection), exclude=None)
     layer(x).sum().backward()
     # Rows g*3..g*3+2 of the weight belong to group g; each group keeps k = 2 of its 4 columns.
     per_group = [int((layer.weight.grad[g * 3:(g + 1) * 3].abs().sum((0, 2, 3)) > 0).sum()) for g in range(2)]
