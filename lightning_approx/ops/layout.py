@@ -30,9 +30,9 @@ def channel_window(t: Tensor, rows: tuple[slice, ...]) -> Tensor:
     """``t[:, rows]`` (slices of dim 1) as one dense tensor in ``t``'s memory format (the
     products need it dense); differentiable.
 
-    A channels-last tensor is sliced as its ``(NHW, C)`` view: the copy is a little faster and
-    its backward (a copy into zeros) about 4x faster than slicing the 4-d tensor, whose
-    gradient goes through a strided 4-d copy (measured on the 2-core CPU, 128x32x16x16).
+    A channels-last tensor is sliced as its ``(NHW, C)`` view, so the backward is a plain copy
+    into zeros of that view; the gradient of a 4-d channel slice goes through a strided 4-d copy
+    that made ``forward_sampling``'s backward slower than exact's (docs/benchmarks.md).
     """
     if not is_channels_last(t):
         parts = [t[:, r] for r in rows]

@@ -27,6 +27,7 @@ EXPECTED = {
     "cifar10_resnet20_topk.yaml": ("topk", "resnet20"),
     "cifar10_resnet20_forward_sampling.yaml": ("forward_sampling", "resnet20"),
     "cifar10_resnet20_forward_sampling_exact_last.yaml": ("forward_sampling", "resnet20"),
+    "cifar10_resnet20_forward_sampling_uniform.yaml": ("forward_sampling", "resnet20"),
     "cifar10_resnet20_grad_prune.yaml": ("grad_prune", "resnet20"),
     "cifar10_resnet20_patch_grad.yaml": ("patch_grad", "resnet20"),
     "cifar10_resnet20_relu_mask.yaml": ("relu_mask", "resnet20"),
