@@ -51,7 +51,7 @@ ALL_VARIANTS = [
     "forward_sampling:sample_ratio=1.0", "grad_prune:sparsity=0.0", "batch_crs:sample_ratio=1.0",
     "crs", "bernoulli_crs", "topk", "forward_sampling", "grad_prune", "patch_grad", "relu_mask", "batch_crs",
     "crs:sample_ratio=0.25", "crs:grads=weight", "relu_mask+crs", "batch_crs:sample_ratio=0.25",
-    "crs:probabilities=uniform", "crs:sample_ratio=0.25,probabilities=uniform",
+    "crs:probabilities=uniform", "crs:sample_ratio=0.25,probabilities=uniform", "forward_sampling:selection=uniform",
 ]
 
 

@@ -266,6 +266,28 @@ def test_uniform_linear_crs_is_unbiased(monkeypatch, ratio):
     torch.testing.assert_close(mean_x, dy @ w, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("ratio", [0.5, 0.4], ids=["divides", "wraps"])
+def test_uniform_weight_only_is_unbiased_through_a_network(monkeypatch, ratio):
+    """With exact input gradients every layer's dy is exact, so each weight gradient is unbiased
+    in a whole network too (batch norm included): the mean over every window is the exact one."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Conv2d(4, 6, 3, stride=2, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(6 * 16, 5)).double()
+    x, y = torch.randn(10, 3, 8, 8, dtype=torch.float64), torch.randint(0, 5, (10,))
+
+    def grads() -> torch.Tensor:
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    exact = grads()
+    approximate(model, "crs", sample_ratio=ratio, probabilities="uniform", grads="weight", exclude=None)
+    assert not torch.allclose(grads(), exact)
+    mean = mean_over_windows(monkeypatch, sampling, grads, 10, round(ratio * 10))
+    torch.testing.assert_close(mean, exact, rtol=1e-10, atol=1e-12)
+
+
 def test_uniform_runs_one_window_without_norms(monkeypatch):
     """The uniform draw computes exactly k samples and k channels, which are neighbours, and
     never takes a norm."""

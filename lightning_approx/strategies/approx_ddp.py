@@ -66,7 +66,8 @@ class ApproxDDPStrategy(DDPStrategy):
 
     Skipped elements arrive as zeros, so every parameter always receives a dense gradient.
 
-    Random streams: each patched layer's stream is re-seeded at every training batch from
+    Random streams: each patched layer's streams (on its device and on the host, where uniform
+    windows are drawn) are re-seeded at every training batch from
     ``(callback seed, stream, batch counter, layer index)``, so sampling is a pure function of
     progress (a resumed fit draws what the uninterrupted one would). ``stream`` is the global
     rank (``"per_rank"``: every rank samples its own batch independently, which is what makes
