@@ -22,6 +22,7 @@ from lightning_approx.methods.pipeline import Pipeline
 from lightning_approx.ops.accounting import WorkCounter
 from lightning_approx.ops.conv import ConvGeometry
 from lightning_approx.ops.layout import is_channels_last
+from lightning_approx.ops.sampling import draw_rows
 
 
 @dataclass(eq=False)
@@ -59,6 +60,12 @@ class LayerSite:
             gen.manual_seed(self.seed * 1_000_003 + self.index)
             self._generators[device] = gen
         return gen
+
+    def draw_window(self, n: int, k: int) -> tuple[slice, ...]:
+        """k of ``range(n)`` with equal probabilities, as one window (:func:`draw_rows`). Drawn
+        from this layer's host stream on every device: the slices are host values, so a GPU
+        never waits for the draw."""
+        return draw_rows(n, k, self.generator(torch.device("cpu")))
 
     def rng_state(self) -> dict[str, Tensor]:
         return {str(dev): gen.get_state() for dev, gen in self._generators.items()}

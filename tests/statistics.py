@@ -62,12 +62,15 @@ def windows(n: int, k: int) -> list[tuple[slice, ...]]:
     return [(slice(s, s + k),) if s + k <= n else (slice(s, n), slice(0, s + k - n)) for s in starts]
 
 
-def mean_over_windows(monkeypatch, module, draw: Callable[[], Tensor], n: int, k: int) -> Tensor:
+def mean_over_windows(monkeypatch, draw: Callable[[], Tensor], n: int, k: int) -> Tensor:
     """An estimator's expectation over the uniform window draw, exactly: the mean of ``draw()``
-    over every equally likely window, each forced by patching ``module.draw_rows``."""
+    over every equally likely window, each forced by patching the draw every layer makes
+    (:meth:`~lightning_approx.layers.LayerSite.draw_window` calls ``layers.draw_rows``)."""
+    import lightning_approx.layers as layers
+
     total = None
     for window in windows(n, k):
-        monkeypatch.setattr(module, "draw_rows", lambda n_, k_, gen, w=window: w)
+        monkeypatch.setattr(layers, "draw_rows", lambda n_, k_, gen, w=window: w)
         g = draw()
         total = g if total is None else total + g
     return total / len(windows(n, k))

@@ -243,9 +243,9 @@ def test_uniform_conv_crs_is_unbiased(monkeypatch, cfg, ratio):
     w = layer.weight.detach()
     dy = torch.randn_like(layer(x).detach())
     per_group = w.shape[0] // cfg.get("groups", 1)
-    mean_w = mean_over_windows(monkeypatch, sampling, lambda: method.conv2d_grad_weight(site, x, w, dy)[0],
+    mean_w = mean_over_windows(monkeypatch, lambda: method.conv2d_grad_weight(site, x, w, dy)[0],
                                 6, sample_count(ratio, 6))
-    mean_x = mean_over_windows(monkeypatch, sampling, lambda: method.conv2d_grad_input(site, x, w, dy)[0],
+    mean_x = mean_over_windows(monkeypatch, lambda: method.conv2d_grad_input(site, x, w, dy)[0],
                                 per_group, sample_count(ratio, per_group))
     torch.testing.assert_close(mean_w, conv2d_grad_weight(site.geometry, x, w, dy), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(mean_x, conv2d_grad_input(site.geometry, x, w, dy), rtol=1e-10, atol=1e-12)
@@ -260,8 +260,8 @@ def test_uniform_linear_crs_is_unbiased(monkeypatch, ratio):
     w = layer.weight.detach()
     dy = torch.randn(8, 8, dtype=torch.float64)
     k = round(ratio * 8)
-    mean_w = mean_over_windows(monkeypatch, sampling, lambda: method.linear_grad_weight(site, x, w, dy)[0], 8, k)
-    mean_x = mean_over_windows(monkeypatch, sampling, lambda: method.linear_grad_input(site, x, w, dy)[0], 8, k)
+    mean_w = mean_over_windows(monkeypatch, lambda: method.linear_grad_weight(site, x, w, dy)[0], 8, k)
+    mean_x = mean_over_windows(monkeypatch, lambda: method.linear_grad_input(site, x, w, dy)[0], 8, k)
     torch.testing.assert_close(mean_w, dy.t() @ x, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(mean_x, dy @ w, rtol=1e-10, atol=1e-12)
 
@@ -284,7 +284,7 @@ def test_uniform_weight_only_is_unbiased_through_a_network(monkeypatch, ratio):
     exact = grads()
     approximate(model, "crs", sample_ratio=ratio, probabilities="uniform", grads="weight", exclude=None)
     assert not torch.allclose(grads(), exact)
-    mean = mean_over_windows(monkeypatch, sampling, grads, 10, round(ratio * 10))
+    mean = mean_over_windows(monkeypatch, grads, 10, round(ratio * 10))
     torch.testing.assert_close(mean, exact, rtol=1e-10, atol=1e-12)
 
 

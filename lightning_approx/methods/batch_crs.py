@@ -35,7 +35,7 @@ from lightning_approx.errors import ConfigError
 from lightning_approx.methods.base import Hyperparameter, Method
 from lightning_approx.methods.registry import register
 from lightning_approx.ops.conv import conv2d_grad_input, conv2d_grad_weight, conv2d_grads
-from lightning_approx.ops.sampling import draw_rows, row_count, sample_count
+from lightning_approx.ops.sampling import row_count, sample_count
 from lightning_approx.schedules import Schedule
 
 if TYPE_CHECKING:
@@ -250,7 +250,7 @@ class BatchCRS(Method):
         self._active = None  # a new forward: the last backward's draw is spent
         n = out.shape[0]
         k = sample_count(self.value("sample_ratio"), n)
-        rows = draw_rows(n, k, self._site.generator(torch.device("cpu")))
+        rows = self._site.draw_window(n, k)
         return _DrawnRows.apply(out, self, rows, k)
 
     def _rows(self, site: LayerSite, x: Tensor) -> tuple[slice, ...]:

@@ -51,7 +51,7 @@ from lightning_approx.methods.base import Hyperparameter, Method
 from lightning_approx.methods.registry import register
 from lightning_approx.methods.sampling import SAMPLE_RATIO
 from lightning_approx.ops.layout import channel_window, select_channels
-from lightning_approx.ops.sampling import crs_sample, draw_rows, merge_duplicates, sample_count, topk_select
+from lightning_approx.ops.sampling import crs_sample, merge_duplicates, sample_count, topk_select
 from lightning_approx.schedules import Schedule
 
 if TYPE_CHECKING:
@@ -189,9 +189,8 @@ class ForwardSampling(Method):
         return y
 
     def _window(self, site: LayerSite, n: int, k: int, groups: int, device: torch.device) -> tuple[slice, ...]:
-        """The uniform draw: one window of k of n channels (host-side slices, from the layer's
-        CPU stream, so a GPU never waits), recorded for a communication hook."""
-        rows = draw_rows(n, k, site.generator(torch.device("cpu")))
+        """The uniform draw (:meth:`LayerSite.draw_window`), recorded for a communication hook."""
+        rows = site.draw_window(n, k)
         if self._tracking:
             idx = torch.cat([torch.arange(n)[r] for r in rows]).to(device)
             self._record(site, idx.repeat(groups), groups, n, device)

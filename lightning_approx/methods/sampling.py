@@ -38,7 +38,6 @@ from lightning_approx.ops.layout import channel_window
 from lightning_approx.ops.sampling import (
     bernoulli_sample,
     crs_sample,
-    draw_rows,
     merge_duplicates,
     sample_count,
     topk_select,
@@ -123,12 +122,6 @@ class CRS(Method):
         """
         return merge_duplicates(*crs_sample(weights, k, generator, self.uniform_mix))
 
-    @staticmethod
-    def _window(site: LayerSite, n: int, k: int) -> tuple[slice, ...]:
-        """The uniform draw: k of n pairs as one window. Host-side slices, so it draws from the
-        layer's CPU stream on every device and never waits for a GPU."""
-        return draw_rows(n, k, site.generator(torch.device("cpu")))
-
     def _exact(self) -> bool:
         return self.value("sample_ratio") >= 1.0
 
@@ -149,7 +142,7 @@ class CRS(Method):
             return conv2d_grad_weight(geom, x, weight, dy), macs
         k = sample_count(self.value("sample_ratio"), n)
         if self.probabilities == "uniform":
-            rows = self._window(site, n, k)
+            rows = site.draw_window(n, k)
             grad = _window_product(rows, lambda r: conv2d_grad_weight(geom, x[r], weight, dy[r]))
             return grad.mul_(n / k), macs * k // n
         norms = kops.sample_norms(x) * self._plane_sq_norms(dy).sum(1).sqrt()
@@ -168,7 +161,7 @@ class CRS(Method):
         k = sample_count(self.value("sample_ratio"), per_group)
         if self.probabilities == "uniform":
             # One window of each group's channels (the same offsets in every group).
-            rows = self._window(site, per_group, k)
+            rows = site.draw_window(per_group, k)
             if groups > 1:
                 rows = tuple(slice(g * per_group + r.start, g * per_group + r.stop)
                              for g in range(groups) for r in rows)
@@ -194,7 +187,7 @@ class CRS(Method):
             return dy.t().mm(x), macs
         k = sample_count(self.value("sample_ratio"), n)
         if self.probabilities == "uniform":
-            rows = self._window(site, n, k)
+            rows = site.draw_window(n, k)
             return _window_product(rows, lambda r: dy[r].t().mm(x[r])).mul_(n / k), macs * k // n
         norms = torch.linalg.vector_norm(x, dim=1) * torch.linalg.vector_norm(dy, dim=1)
         idx, scale = self.select(norms, k, site.generator(x.device))
@@ -208,7 +201,7 @@ class CRS(Method):
             return dy.mm(weight), macs
         k = sample_count(self.value("sample_ratio"), out)
         if self.probabilities == "uniform":
-            rows = self._window(site, out, k)
+            rows = site.draw_window(out, k)
             return _window_product(rows, lambda r: dy[:, r].mm(weight[r] * (out / k))), macs * k // out
         norms = torch.linalg.vector_norm(weight, dim=1) * torch.linalg.vector_norm(dy, dim=0)
         idx, scale = self.select(norms, k, site.generator(x.device))

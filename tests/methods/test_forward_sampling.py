@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+import lightning_approx.layers as layers
 import lightning_approx.methods.forward_sampling as forward_sampling
 from lightning_approx import approximate, restore
 from lightning_approx.errors import ConfigError
@@ -102,8 +103,8 @@ def test_conv_uniform_forward_is_unbiased(monkeypatch, cfg, ratio):
     cin_g = cfg["in_channels"] // cfg.get("groups", 1)
     approximate(layer, ForwardSampling(ratio, selection="uniform"), exclude=None)
     k = math.ceil(ratio * cin_g)
-    mean_y = mean_over_windows(monkeypatch, forward_sampling, lambda: layer(x).detach(), cin_g, k)
-    mean_dw = mean_over_windows(monkeypatch, forward_sampling,
+    mean_y = mean_over_windows(monkeypatch, lambda: layer(x).detach(), cin_g, k)
+    mean_dw = mean_over_windows(monkeypatch,
                                 lambda: torch.autograd.grad(layer(x), layer.weight, dy)[0], cin_g, k)
     torch.testing.assert_close(mean_y, exact, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(mean_dw, exact_dw, rtol=1e-10, atol=1e-12)
@@ -115,7 +116,7 @@ def test_linear_uniform_forward_is_unbiased(monkeypatch, ratio):
     x = _uneven_input(5, 6)
     exact = layer(x).detach()
     approximate(layer, ForwardSampling(ratio, selection="uniform"), exclude=None)
-    mean_y = mean_over_windows(monkeypatch, forward_sampling, lambda: layer(x).detach(), 6, math.ceil(ratio * 6))
+    mean_y = mean_over_windows(monkeypatch, lambda: layer(x).detach(), 6, math.ceil(ratio * 6))
     torch.testing.assert_close(mean_y, exact, rtol=1e-10, atol=1e-12)
 
 
@@ -137,7 +138,7 @@ def test_uniform_runs_on_one_window_without_scores(monkeypatch):
 
 def test_uniform_keeps_channels_last(monkeypatch):
     """The same op on either layout (the window forced), and the layout is kept."""
-    monkeypatch.setattr(forward_sampling, "draw_rows", lambda n, k, gen: (slice(3, 4), slice(0, 1)))
+    monkeypatch.setattr(layers, "draw_rows", lambda n, k, gen: (slice(3, 4), slice(0, 1)))
     layer = nn.Conv2d(4, 6, 3, padding=1).double()
     approximate(layer, ForwardSampling(0.5, selection="uniform"), exclude=None)
     x = _uneven_input(3, 4, 6, 6)
@@ -153,7 +154,7 @@ def test_uniform_keeps_channels_last(monkeypatch):
 
 
 def test_uniform_selection_is_recorded_for_the_communication_hook(monkeypatch):
-    monkeypatch.setattr(forward_sampling, "draw_rows", lambda n, k, gen: (slice(3, 4), slice(0, 1)))
+    monkeypatch.setattr(layers, "draw_rows", lambda n, k, gen: (slice(3, 4), slice(0, 1)))
     layer = nn.Conv2d(8, 6, 3, padding=1, groups=2)
     method = ForwardSampling(0.5, selection="uniform")
     approximate(layer, method, exclude=None)
