@@ -244,9 +244,9 @@ def test_uniform_conv_crs_is_unbiased(monkeypatch, cfg, ratio):
     dy = torch.randn_like(layer(x).detach())
     per_group = w.shape[0] // cfg.get("groups", 1)
     mean_w = mean_over_windows(monkeypatch, lambda: method.conv2d_grad_weight(site, x, w, dy)[0],
-                                6, sample_count(ratio, 6))
+                               6, sample_count(ratio, 6))
     mean_x = mean_over_windows(monkeypatch, lambda: method.conv2d_grad_input(site, x, w, dy)[0],
-                                per_group, sample_count(ratio, per_group))
+                               per_group, sample_count(ratio, per_group))
     torch.testing.assert_close(mean_w, conv2d_grad_weight(site.geometry, x, w, dy), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(mean_x, conv2d_grad_input(site.geometry, x, w, dy), rtol=1e-10, atol=1e-12)
 

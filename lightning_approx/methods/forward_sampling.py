@@ -50,8 +50,8 @@ from lightning_approx.kernels import ops as kops
 from lightning_approx.methods.base import Hyperparameter, Method
 from lightning_approx.methods.registry import register
 from lightning_approx.methods.sampling import SAMPLE_RATIO
-from lightning_approx.ops.layout import channel_window, select_channels
-from lightning_approx.ops.sampling import crs_sample, merge_duplicates, sample_count, topk_select
+from lightning_approx.ops.layout import channel_window, select_channels, take_rows
+from lightning_approx.ops.sampling import crs_sample, group_rows, merge_duplicates, sample_count, topk_select
 from lightning_approx.schedules import Schedule
 
 if TYPE_CHECKING:
@@ -202,11 +202,9 @@ class ForwardSampling(Method):
         geom = site.geometry
         cin_g, groups = weight.shape[1], geom.groups
         rows = self._window(site, cin_g, k, groups, weight.device)
-        x_rows = rows if groups == 1 else tuple(
-            slice(g * cin_g + r.start, g * cin_g + r.stop) for g in range(groups) for r in rows)
         # The weight slice is small: scaling it costs nothing next to scaling x.
-        w_k = torch.cat([weight[:, r] for r in rows], 1) * (cin_g / k)
-        y = geom.forward(channel_window(x, x_rows), w_k, bias)
+        w_k = take_rows(weight, rows, 1) * (cin_g / k)
+        y = geom.forward(channel_window(x, group_rows(rows, groups, cin_g)), w_k, bias)
         self._count_on_backward(site, y, x, weight, macs=geom.macs(x.shape, weight, y.shape), kept=k / cin_g)
         return y
 
@@ -223,9 +221,7 @@ class ForwardSampling(Method):
             return y
         if self.selection == "uniform":
             rows = self._window(site, fan_in, k, 1, weight.device)
-            x_k = x[..., rows[0]] if len(rows) == 1 else torch.cat([x[..., r] for r in rows], -1)
-            w_k = torch.cat([weight[:, r] for r in rows], 1) * (fan_in / k)
-            y = F.linear(x_k, w_k, bias)
+            y = F.linear(take_rows(x, rows, -1), take_rows(weight, rows, 1) * (fan_in / k), bias)
             self._count_on_backward(site, y, x, weight, macs=macs, kept=k / fan_in)
             return y
         with torch.no_grad():

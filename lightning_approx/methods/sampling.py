@@ -34,10 +34,11 @@ from lightning_approx.kernels import ops as kops
 from lightning_approx.methods.base import Hyperparameter, Method
 from lightning_approx.methods.registry import register
 from lightning_approx.ops.conv import conv2d_grad_input, conv2d_grad_weight
-from lightning_approx.ops.layout import channel_window
+from lightning_approx.ops.layout import channel_window, take_rows
 from lightning_approx.ops.sampling import (
     bernoulli_sample,
     crs_sample,
+    group_rows,
     merge_duplicates,
     sample_count,
     topk_select,
@@ -161,11 +162,8 @@ class CRS(Method):
         k = sample_count(self.value("sample_ratio"), per_group)
         if self.probabilities == "uniform":
             # One window of each group's channels (the same offsets in every group).
-            rows = site.draw_window(per_group, k)
-            if groups > 1:
-                rows = tuple(slice(g * per_group + r.start, g * per_group + r.stop)
-                             for g in range(groups) for r in rows)
-            weight_k = torch.cat([weight[r] for r in rows]).mul_(per_group / k)  # scale the small operand
+            rows = group_rows(site.draw_window(per_group, k), groups, per_group)
+            weight_k = take_rows(weight, rows, 0) * (per_group / k)  # scale the small operand
             grad = conv2d_grad_input(geom, x, weight_k, channel_window(dy, rows))
             return grad, macs * k // per_group
         # Grouped convs keep their structure: the same number of channels from every group.

@@ -26,6 +26,12 @@ def select_channels(t: Tensor, idx: Tensor) -> Tensor:
     return t.permute(0, 2, 3, 1).reshape(-1, c).index_select(1, idx).view(n, h, w, -1).permute(0, 3, 1, 2)
 
 
+def take_rows(t: Tensor, rows: tuple[slice, ...], dim: int) -> Tensor:
+    """``t``'s slices ``rows`` along ``dim``, concatenated (a view when there is one slice)."""
+    parts = [t.narrow(dim, r.start, r.stop - r.start) for r in rows]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+
+
 def channel_window(t: Tensor, rows: tuple[slice, ...]) -> Tensor:
     """``t[:, rows]`` (slices of dim 1) as one dense tensor in ``t``'s memory format (the
     products need it dense); differentiable.
@@ -35,10 +41,7 @@ def channel_window(t: Tensor, rows: tuple[slice, ...]) -> Tensor:
     that made ``forward_sampling``'s backward slower than exact's (docs/benchmarks.md).
     """
     if not is_channels_last(t):
-        parts = [t[:, r] for r in rows]
-        return (parts[0] if len(parts) == 1 else torch.cat(parts, 1)).contiguous()
+        return take_rows(t, rows, 1).contiguous()
     n, c, h, w = t.shape
-    flat = t.permute(0, 2, 3, 1).reshape(-1, c)
-    parts = [flat[:, r] for r in rows]
-    window = (parts[0] if len(parts) == 1 else torch.cat(parts, 1)).contiguous()
+    window = take_rows(t.permute(0, 2, 3, 1).reshape(-1, c), rows, 1).contiguous()
     return window.view(n, h, w, -1).permute(0, 3, 1, 2)

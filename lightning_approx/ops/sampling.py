@@ -35,6 +35,13 @@ def draw_rows(n: int, k: int, generator: torch.Generator) -> tuple[slice, ...]:
     return (slice(start, end),) if end <= n else (slice(start, n), slice(0, end - n))
 
 
+def group_rows(rows: tuple[slice, ...], groups: int, per_group: int) -> tuple[slice, ...]:
+    """The same window in each of ``groups`` consecutive groups of ``per_group`` rows."""
+    if groups == 1:
+        return rows
+    return tuple(slice(g * per_group + r.start, g * per_group + r.stop) for g in range(groups) for r in rows)
+
+
 def row_count(rows: tuple[slice, ...], n: int) -> int:
     """How many of ``range(n)`` the slices hold."""
     return sum(len(range(n)[r]) for r in rows)
