@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+import lightning_approx.layers
 import lightning_approx.methods.sampling as sampling
 from lightning_approx import approximate, restore
 from lightning_approx.methods import CRS, Pipeline
@@ -316,6 +317,86 @@ def test_uniform_keeps_channels_last():
     x = torch.randn(5, 4, 8, 8).contiguous(memory_format=torch.channels_last).requires_grad_(True)
     layer(x).sum().backward()
     assert x.grad.is_contiguous(memory_format=torch.channels_last)
+
+
+# --- control_variate="batch_mean": the window estimates the batch-centred products only ---------
+@pytest.mark.parametrize("cfg", [CONV_CONFIGS[1], CONV_CONFIGS[3]], ids=["strided", "grouped"])
+@pytest.mark.parametrize("ratio", [0.5, 0.4], ids=["divides", "wraps"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_batch_mean_control_variate_is_unbiased(monkeypatch, cfg, ratio, channels_last):
+    from lightning_approx.ops.conv import conv2d_grad_weight
+    from lightning_approx.ops.sampling import sample_count
+
+    layer = nn.Conv2d(**cfg).double()
+    method = CRS(sample_ratio=ratio, probabilities="uniform", grads="weight", control_variate="batch_mean")
+    site = _site(layer, method)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = (torch.rand(6, cfg["in_channels"], 7, 7, dtype=torch.float64) + 1).contiguous(memory_format=fmt)
+    w = layer.weight.detach()
+    dy = torch.randn_like(layer(x).detach()).contiguous(memory_format=fmt)
+    mean_w = mean_over_windows(monkeypatch, lambda: method.conv2d_grad_weight(site, x, w, dy)[0],
+                               6, sample_count(ratio, 6))
+    torch.testing.assert_close(mean_w, conv2d_grad_weight(site.geometry, x, w, dy), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.375], ids=["divides", "wraps"])
+def test_batch_mean_control_variate_is_unbiased_for_linear(monkeypatch, ratio):
+    layer = nn.Linear(6, 8).double()
+    method = CRS(sample_ratio=ratio, probabilities="uniform", control_variate="batch_mean")
+    site = _site(layer, method)
+    x, dy = torch.rand(8, 6, dtype=torch.float64) + 1, torch.randn(8, 8, dtype=torch.float64)
+    mean_w = mean_over_windows(monkeypatch, lambda: method.linear_grad_weight(site, x, layer.weight.detach(), dy)[0],
+                               8, round(ratio * 8))
+    torch.testing.assert_close(mean_w, dy.t() @ x, rtol=1e-10, atol=1e-12)
+
+
+def test_batch_mean_control_variate_removes_the_shared_mean(monkeypatch):
+    """Inputs with a large shared mean (as ReLU outputs have) make the plain window's error large;
+    the control variate's error is that of the centred inputs, which are small here."""
+    from lightning_approx.ops.conv import conv2d_grad_weight
+
+    layer = nn.Conv2d(3, 4, 3, padding=1).double()
+    torch.manual_seed(0)
+    x = 5 + 0.1 * torch.randn(8, 3, 6, 6, dtype=torch.float64)
+    w = layer.weight.detach()
+    dy = torch.randn(8, 4, 6, 6, dtype=torch.float64)
+
+    def error(control_variate: str) -> float:
+        method = CRS(sample_ratio=0.5, probabilities="uniform", grads="weight", control_variate=control_variate)
+        site = _site(layer, method)
+        exact = conv2d_grad_weight(site.geometry, x, w, dy)
+        errors = []
+        for window in windows(8, 4):
+            monkeypatch.setattr(lightning_approx.layers, "draw_rows", lambda n_, k_, gen, w_=window: w_)
+            errors.append(float((method.conv2d_grad_weight(site, x, w, dy)[0] - exact).norm() / exact.norm()))
+        return max(errors)
+
+    assert error("batch_mean") < 0.1 * error("none")
+
+
+def test_batch_mean_control_variate_is_exact_at_ratio_one():
+    torch.manual_seed(0)
+    layer = nn.Conv2d(3, 4, 3, padding=1)
+    x = torch.rand(4, 3, 6, 6, requires_grad=True)
+    layer(x).square().sum().backward()
+    exact = layer.weight.grad.clone()
+    layer.weight.grad = None
+    approximate(layer, "crs", sample_ratio=1.0, probabilities="uniform", control_variate="batch_mean", exclude=None)
+    layer(x).square().sum().backward()
+    torch.testing.assert_close(layer.weight.grad, exact)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"control_variate": "mean"}, "unknown control variate"),
+    ({"control_variate": "batch_mean"}, "equal probability only"),
+    ({"control_variate": "batch_mean", "probabilities": "uniform", "grads": "input"}, "leaves exact"),
+])
+def test_control_variate_config_errors(kwargs, message):
+    from lightning_approx import ConfigError
+
+    with pytest.raises(ConfigError, match="crs.control_variate") as err:
+        CRS(**kwargs)
+    assert message in str(err.value)
 
 
 @pytest.mark.parametrize("kwargs,field", [({"probabilities": "softmax"}, "crs.probabilities"),

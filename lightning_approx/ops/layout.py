@@ -45,3 +45,14 @@ def channel_window(t: Tensor, rows: tuple[slice, ...]) -> Tensor:
     n, c, h, w = t.shape
     window = take_rows(t.permute(0, 2, 3, 1).reshape(-1, c), rows, 1).contiguous()
     return window.view(n, h, w, -1).permute(0, 3, 1, 2)
+
+
+def batch_sum(t: Tensor) -> Tensor:
+    """``t.sum(0, keepdim=True)`` in ``t``'s memory format, reduced over ``t``'s flat
+    ``(N, rest)`` view: over a channels-last 4-d tensor the reduction along dim 0 is strided and
+    about 12x slower (3.0 against 0.24 ms for 128x16x32x32 on the 2-core CPU)."""
+    n = t.shape[0]
+    if is_channels_last(t):
+        _, c, h, w = t.shape
+        return t.permute(0, 2, 3, 1).reshape(n, -1).sum(0).view(1, h, w, c).permute(0, 3, 1, 2)
+    return t.reshape(n, -1).sum(0).view(1, *t.shape[1:])

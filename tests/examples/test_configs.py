@@ -17,6 +17,7 @@ EXPECTED = {
     "cifar10_resnet20_crs_late.yaml": ("crs", "resnet20"),
     "cifar10_resnet20_crs_uniform.yaml": ("crs", "resnet20"),
     "cifar10_resnet20_crs_weight_uniform.yaml": ("crs", "resnet20"),
+    "cifar10_resnet20_crs_weight_uniform_cv.yaml": ("crs", "resnet20"),
     "cifar10_resnet20_crs_weight_uniform_late.yaml": ("crs", "resnet20"),
     "cifar10_resnet20_bernoulli_crs.yaml": ("bernoulli_crs", "resnet20"),
     "cifar10_resnet20_batch_crs.yaml": ("batch_crs", "resnet20"),
