@@ -394,7 +394,7 @@ def test_batch_mean_control_variate_is_exact_at_ratio_one():
 def test_control_variate_config_errors(kwargs, message):
     from lightning_approx import ConfigError
 
-    with pytest.raises(ConfigError, match="crs.control_variate") as err:
+    with pytest.raises(ConfigError, match=r"crs\.control_variate") as err:
         CRS(**kwargs)
     assert message in str(err.value)
 
