@@ -62,15 +62,20 @@ def windows(n: int, k: int) -> list[tuple[slice, ...]]:
     return [(slice(s, s + k),) if s + k <= n else (slice(s, n), slice(0, s + k - n)) for s in starts]
 
 
-def mean_over_windows(monkeypatch, draw: Callable[[], Tensor], n: int, k: int) -> Tensor:
-    """An estimator's expectation over the uniform window draw, exactly: the mean of ``draw()``
-    over every equally likely window, each forced by patching the draw every layer makes
-    (:meth:`~lightning_approx.layers.LayerSite.draw_window` calls ``layers.draw_rows``)."""
+def over_windows(monkeypatch, draw: Callable[[], Tensor], n: int, k: int) -> list[Tensor]:
+    """``draw()`` for every equally likely window, each forced by patching the draw every layer
+    makes (:meth:`~lightning_approx.layers.LayerSite.draw_window` calls ``layers.draw_rows``)."""
     import lightning_approx.layers as layers
 
-    total = None
+    results = []
     for window in windows(n, k):
         monkeypatch.setattr(layers, "draw_rows", lambda n_, k_, gen, w=window: w)
-        g = draw()
-        total = g if total is None else total + g
-    return total / len(windows(n, k))
+        results.append(draw())
+    return results
+
+
+def mean_over_windows(monkeypatch, draw: Callable[[], Tensor], n: int, k: int) -> Tensor:
+    """An estimator's expectation over the uniform window draw, exactly: the mean of ``draw()``
+    over every equally likely window (:func:`over_windows`)."""
+    results = over_windows(monkeypatch, draw, n, k)
+    return sum(results[1:], results[0]) / len(results)
