@@ -14,6 +14,15 @@ module hooks (forward, and backward from the gradient reaching the layer's outpu
 gradient); the hooks cost time of their own, so those rounds are reported separately and never
 mixed into the step times.
 
+From those rounds it also reports each variant's floor: the step / exact it would reach if every
+patched layer's products took exactly their computed fraction of exact's time (the backward
+products, and the forward too for a method that samples the forward) and nothing else in the
+step changed: batch norm, ReLU, the additions, the optimizer and the layers left exact. No
+implementation of the method can beat its floor on this machine, so a target below it cannot
+be met here; "saving realized" is the share of the floor's saving that the variant achieved.
+The layers' hook-timed intervals include the hooks' own time, so the floor comes out a little
+low (in the method's favour).
+
     python benchmarks/step_time.py                                   # ResNet-20, batch 128, crs 0.5 / 0.25
     python benchmarks/step_time.py --variants all --json out.json    # every method, default and exact settings
     python benchmarks/step_time.py --variants crs:sample_ratio=0.5 --channels-last
@@ -170,6 +179,40 @@ def paired_ratios(times: dict[str, dict[str, list[float]]], part: str) -> dict[s
     return out
 
 
+def layer_work(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """(computed, exact) backward MACs of each patched layer since its counter was last reset."""
+    return {site.name: (site.work.computed, site.work.exact) for site in patched_sites(model)}
+
+
+def samples_forward(model: nn.Module) -> bool:
+    """Whether the model's patched layers replace the forward op (so the forward shrinks too)."""
+    return any(site.pipeline.forward_method is not None for site in patched_sites(model))
+
+
+def floors(step: float, backward: float, exact_layers: dict[str, dict[str, float | None]],
+           work: dict[str, tuple[int, int]], forward: bool) -> dict[str, float]:
+    """The step / exact and backward / exact a variant would reach if each patched layer's
+    products took exactly their computed-work fraction of the exact layer's time.
+
+    Args:
+        step: Exact's median step (seconds, timed without hooks).
+        backward: Exact's median backward.
+        exact_layers: Exact's hook-timed ``{"forward", "backward"}`` seconds per layer.
+        work: The variant's ``(computed, exact)`` backward MACs per patched layer.
+        forward: Whether the variant's forward shrinks by the same fraction (a sampled forward).
+    """
+    saved_fwd = saved_bwd = 0.0
+    for name, (computed, exact) in work.items():
+        timed = exact_layers.get(name)
+        if not exact or timed is None or timed["backward"] is None:
+            continue  # a layer whose backward was not timed (the stem) is counted as saving nothing
+        unsaved = 1.0 - computed / exact
+        saved_bwd += timed["backward"] * unsaved
+        if forward:
+            saved_fwd += timed["forward"] * unsaved
+    return {"step": 1.0 - (saved_fwd + saved_bwd) / step, "backward": 1.0 - saved_bwd / backward}
+
+
 def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     device = torch.device(args.device)
@@ -185,16 +228,20 @@ def run(args: argparse.Namespace) -> dict:
         variants[spec] = (model, spec)
     optimizers = {k: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for k, (m, _) in variants.items()}
     times = {k: {"forward": [], "backward": [], "optimizer": [], "step": [], "work": []} for k in variants}
+    work = {k: {} for k in variants}  # per patched layer: (computed, exact) MACs summed over the timed rounds
     loss_fn = nn.CrossEntropyLoss()
     for round_, order in enumerate(round_orders(list(variants), args.warmup + args.steps)):
         for key in order:
             model = variants[key][0]
-            fwd, bwd, opt, work = train_step(model, optimizers[key], x, y, loss_fn, device)
+            fwd, bwd, opt, work_fraction = train_step(model, optimizers[key], x, y, loss_fn, device)
             if round_ >= args.warmup:
                 rec = times[key]
                 for part, value in (("forward", fwd), ("backward", bwd), ("optimizer", opt),
-                                    ("step", fwd + bwd + opt), ("work", work)):
+                                    ("step", fwd + bwd + opt), ("work", work_fraction)):
                     rec[part].append(value)
+                for name, (computed, exact) in layer_work(model).items():
+                    done = work[key].get(name, (0, 0))
+                    work[key][name] = (done[0] + computed, done[1] + exact)
     layers = {}
     if args.layer_steps:
         timers = {key: LayerTimer(model) for key, (model, _) in variants.items()}
@@ -206,6 +253,11 @@ def run(args: argparse.Namespace) -> dict:
             layers[key] = timer.medians()
     medians = {k: {part: statistics.median(v) for part, v in rec.items()} for k, rec in times.items()}
     paired = {part: paired_ratios(times, part) for part in ("step", "backward")}
+    variant_floors = {}
+    if layers:
+        ex = medians["exact"]
+        variant_floors = {k: floors(ex["step"], ex["backward"], layers["exact"], work[k], samples_forward(m))
+                          for k, (m, spec) in variants.items() if spec is not None}
     return {
         "benchmark": "step_time",
         "model": args.model, "batch_size": args.batch_size, "image_size": args.image_size,
@@ -215,7 +267,9 @@ def run(args: argparse.Namespace) -> dict:
         "steps": args.steps, "warmup": args.warmup, "layer_steps": args.layer_steps,
         "command": " ".join(["python", *sys.argv]), "medians": medians, "paired": paired,
         "rounds": {k: {part: rec[part] for part in ("forward", "backward", "step")} for k, rec in times.items()},
-        "layers": layers,
+        "layers": layers, "floors": variant_floors,
+        # glibc's allocator settings change what fresh temporaries cost (page faults): keep them with the result
+        "malloc_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")},
     }
 
 
@@ -244,6 +298,19 @@ def table(result: dict, reference: dict | None = None) -> str:
             ref = reference["medians"].get(key)
             row += f" {m['step'] / ref['step']:.3f} |" if ref else " - |"
         lines.append(row)
+    return "\n".join(lines)
+
+
+def floor_table(result: dict) -> str:
+    """Each variant's floor (perfect scaling of its products) against its paired ratio."""
+    lines = ["| variant | backward work | step floor | step / exact, paired | step saving realized "
+             "| backward floor | bwd / exact, paired |", "|---|---|---|---|---|---|---|"]
+    for key, floor in result["floors"].items():
+        step = result["paired"]["step"][key]["median"]
+        bwd = result["paired"]["backward"][key]["median"]
+        realized = f"{(1 - step) / (1 - floor['step']):.0%}" if floor["step"] < 1 else "-"
+        lines.append(f"| {key} | {100 * result['medians'][key]['work']:.1f}% | {floor['step']:.3f} | {step:.3f} | "
+                     f"{realized} | {floor['backward']:.3f} | {bwd:.3f} |")
     return "\n".join(lines)
 
 
@@ -293,6 +360,9 @@ def main(argv: list[str] | None = None) -> dict:
           f"{result['threads']} threads, "
           f"torch {result['torch']}, median of {result['steps']} steps after {result['warmup']} warm-up")
     print(table(result, reference))
+    if result["floors"]:
+        print("\nFloors: the ratios perfect scaling of each variant's products would give (hook-timed exact layers):")
+        print(floor_table(result))
     if result["layers"]:
         for variant in args.layers_of if args.layers_of is not None else args.variants[:1]:
             print(f"\nPer layer, {variant} (median of {args.layer_steps} hook-timed rounds, ms):")

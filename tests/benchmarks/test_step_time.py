@@ -53,3 +53,33 @@ def test_paired_ratios_divide_within_each_round(step_time):
     paired = step_time.paired_ratios(times, "step")
     assert paired["a"] == {"median": 0.5, "ci_low": 0.5, "ci_high": 0.5}  # the drift cancels
     assert paired["exact"]["median"] == 1.0
+
+
+def test_floor_counts_each_patched_layer_at_its_computed_fraction(step_time):
+    """Exact step 100 ms, backward 60 ms; two patched layers (backward 20 and 10 ms, forward 8 and
+    4 ms) computing half and a quarter of their work; the stem's untimed backward saves nothing."""
+    layers = {"conv1": {"forward": 0.002, "backward": None}, "a": {"forward": 0.008, "backward": 0.020},
+              "b": {"forward": 0.004, "backward": 0.010}}
+    work = {"a": (50, 100), "b": (25, 100), "conv1": (0, 100)}
+    saved_bwd = 0.020 * 0.5 + 0.010 * 0.75
+    backward_only = step_time.floors(0.100, 0.060, layers, work, forward=False)
+    assert backward_only["step"] == pytest.approx(1 - saved_bwd / 0.100)
+    assert backward_only["backward"] == pytest.approx(1 - saved_bwd / 0.060)
+    sampled_forward = step_time.floors(0.100, 0.060, layers, work, forward=True)
+    assert sampled_forward["step"] == pytest.approx(1 - (saved_bwd + 0.008 * 0.5 + 0.004 * 0.75) / 0.100)
+    assert sampled_forward["backward"] == backward_only["backward"]
+    assert step_time.floors(0.100, 0.060, layers, {"a": (100, 100)}, forward=True)["step"] == 1.0
+
+
+def test_floors_come_with_the_layer_rounds(step_time, capsys):
+    result = step_time.main(["--variants", "crs:sample_ratio=0.5", "forward_sampling", "--batch-size", "4",
+                             "--steps", "2", "--warmup", "0", "--layer-steps", "1", "--threads",
+                             str(torch.get_num_threads())])
+    assert set(result["floors"]) == {"crs:sample_ratio=0.5", "forward_sampling"}
+    for floor in result["floors"].values():
+        assert 0 < floor["step"] < 1 and 0 < floor["backward"] < 1
+    assert "step saving realized" in capsys.readouterr().out
+    assert "malloc_env" in result
+    no_layers = step_time.main(["--variants", "crs", "--batch-size", "4", "--steps", "1", "--warmup", "0",
+                                "--layer-steps", "0"])
+    assert no_layers["floors"] == {}
