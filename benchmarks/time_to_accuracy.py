@@ -100,14 +100,15 @@ def run_configs(configs: list[Path], seed: int, overrides: list[str]) -> list[Ru
 
 
 def run_methods(methods: list[str], seed: int, args: argparse.Namespace) -> list[RunResult]:
-    """Exact, then every short spec, through ``examples/cifar10.py`` from ``seed``."""
+    """Exact, then every short spec, through ``examples/cifar10.py`` from ``seed``; ``args.overrides``
+    (``--set``) are that script's flags, added to every run."""
     results = []
     for method in [None, *methods]:
-        run_args = cifar10.parse_args(["approx" if method else "exact", "--epochs", str(args.epochs),
-                                       "--model", args.model, "--batch-size", str(args.batch_size),
-                                       "--seed", str(seed), "--val-every", "1"]
-                                      + (["--method", method] if method else []))
-        results.append(cifar10.train(run_args, method))
+        argv = ["approx" if method else "exact", "--epochs", str(args.epochs), "--model", args.model,
+                "--batch-size", str(args.batch_size), "--seed", str(seed), "--val-every", "1",
+                *(["--method", method] if method else []), *args.overrides]
+        (result,) = cifar10.main(argv)
+        results.append(result)
     return results
 
 
@@ -225,7 +226,8 @@ def main(argv: list[str] | None = None) -> dict:
     which.add_argument("--methods", nargs="+", help="short specs with constant settings, e.g. crs:sample_ratio=0.5")
     which.add_argument("--merge", nargs="+", type=Path, help="print one table (and --plot) from saved --json files")
     p.add_argument("--set", nargs=argparse.REMAINDER, default=[], dest="overrides",
-                   help="(--configs) CLI overrides for every run, last on the line: --set --trainer.max_epochs 2")
+                   help="overrides for every run, last on the line: the CLI's for --configs (--set "
+                        "--trainer.max_epochs 2), examples/cifar10.py's for --methods (--set --limit-train-batches 2)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=15, help="(--methods) epochs; a config sets its own")
     p.add_argument("--model", default="resnet20", help="(--methods) the model; a config sets its own")
@@ -233,6 +235,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--json", type=Path)
     p.add_argument("--plot", type=Path)
     args = p.parse_args(argv)
+    if args.overrides and args.merge:
+        p.error("--set applies to runs, not to --merge")
     if args.merge:
         rows, results, notes = merge(args.merge)
         headers = [json.loads(path.read_text())["header"] for path in args.merge]
@@ -241,8 +245,6 @@ def main(argv: list[str] | None = None) -> dict:
         if args.plot:
             plot(results, args.plot, header)
         return {"header": header, "notes": notes, "rows": rows}
-    if args.overrides and not args.configs:
-        p.error("--set applies to --configs runs only")
     if args.configs:
         check_configs(args.configs)
     results: dict[str, list[RunResult]] = {}

@@ -53,9 +53,20 @@ def test_the_exact_config_is_refused_as_a_recipe(tta):
         tta.main(["--seeds", "0", "--configs", str(CONFIGS / "cifar10_resnet20_exact.yaml")])
 
 
-def test_set_needs_configs(tta):
+def test_methods_run_exact_then_each_spec_through_the_example(tta, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tta.main(["--seeds", "0", "--methods", "crs:sample_ratio=0.5", "--epochs", "2", "--batch-size", "16",
+                    "--set", "--data-dir", str(CIFAR_SUBSET), "--limit-train-batches", "2",
+                    "--limit-eval-batches", "1"])
+    assert [r["run"] for r in out["rows"]] == ["exact", "crs:sample_ratio=0.5"]
+    exact, crs = (out["runs"][name][0] for name in ("exact", "crs:sample_ratio=0.5"))
+    assert exact["epochs"] == crs["epochs"] == 2 and len(crs["curve"]) == 2  # validated after every epoch
+    assert out["rows"][0]["backward_work"] == 1.0 and out["rows"][1]["backward_work"] < 1.0
+
+
+def test_set_does_not_apply_to_merge(tta, tmp_path):
     with pytest.raises(SystemExit):
-        tta.main(["--methods", "crs", "--set", "--trainer.max_epochs", "1"])
+        tta.main(["--merge", str(tmp_path / "a.json"), "--set", "--trainer.max_epochs", "1"])
 
 
 def _saved(path, header, runs):
