@@ -73,13 +73,15 @@ class LayerTimer:
     """Seconds of each Conv2d / Linear forward and backward, through module hooks.
 
     The backward of a layer runs from the full-backward pre-hook (the gradient of its output
-    is ready) to the full-backward hook (the gradient of its input is done). A layer whose
-    input needs no gradient (the stem) fires no backward hook; its backward is not timed.
+    is ready) to the full-backward hook (the gradient of its input is done). For a layer whose
+    input needs no gradient (the stem) that interval does not hold its weight-gradient product
+    (torch fires the hook at once, or not at all), so its backward is reported as not timed.
     """
 
     def __init__(self, model: nn.Module) -> None:
         self.forward: dict[str, list[float]] = {}
         self.backward: dict[str, list[float]] = {}
+        self._untimed: set[str] = set()  # layers whose input needs no gradient
         self._t0: dict[tuple[str, str], float] = {}
         self._handles = []
         for name, module in model.named_modules():
@@ -92,7 +94,9 @@ class LayerTimer:
                 ]
 
     def _start(self, name: str, part: str):
-        def hook(*_):
+        def hook(_module, args, *_):
+            if part == "fwd" and not (args and isinstance(args[0], torch.Tensor) and args[0].requires_grad):
+                self._untimed.add(name)
             self._t0[(name, part)] = time.perf_counter()
         return hook
 
@@ -109,7 +113,8 @@ class LayerTimer:
 
     def medians(self) -> dict[str, dict[str, float]]:
         return {name: {"forward": statistics.median(ts),
-                       "backward": statistics.median(self.backward[name]) if name in self.backward else None}
+                       "backward": statistics.median(self.backward[name])
+                       if name in self.backward and name not in self._untimed else None}
                 for name, ts in self.forward.items()}
 
 
@@ -205,7 +210,7 @@ def floors(step: float, backward: float, exact_layers: dict[str, dict[str, float
     for name, (computed, exact) in work.items():
         timed = exact_layers.get(name)
         if not exact or timed is None or timed["backward"] is None:
-            continue  # a layer whose backward was not timed (the stem) is counted as saving nothing
+            continue  # a layer whose backward was not timed (the stem) counts as saving nothing
         unsaved = 1.0 - computed / exact
         saved_bwd += timed["backward"] * unsaved
         if forward:

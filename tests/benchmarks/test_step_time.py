@@ -34,6 +34,9 @@ def test_one_command_gives_table_layers_and_json(step_time, tmp_path, capsys):
     assert medians["exact"]["work"] == 1.0 and medians["crs:sample_ratio=1.0"]["work"] == 1.0
     assert 0 < medians["crs:sample_ratio=0.5"]["work"] <= 0.5 + 1e-9
     assert "layer1.0.conv1" in result["layers"]["crs:sample_ratio=0.5"]
+    # The stem's input needs no gradient, so no interval holds its weight-gradient product.
+    assert result["layers"]["exact"]["conv1"]["backward"] is None
+    assert result["layers"]["exact"]["layer1.0.conv1"]["backward"] > 0
     assert json.loads(out.read_text())["medians"].keys() == medians.keys()
     printed = capsys.readouterr().out
     assert "| crs:sample_ratio=0.5 |" in printed and "Per layer, crs:sample_ratio=0.5" in printed
