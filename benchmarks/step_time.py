@@ -23,10 +23,16 @@ be met here; "saving realized" is the share of the floor's saving that the varia
 The layers' hook-timed intervals include the hooks' own time, so the floor comes out a little
 low (in the method's favour).
 
+``--block N`` runs N consecutive steps of each variant per round, so that each also follows
+itself, as in training; the paired ratio then pairs the k-th step of a block with exact's k-th.
+The table also counts the minor page faults per step: the fresh pages the allocator got from the
+system, which glibc's defaults make a cost of every large temporary.
+
     python benchmarks/step_time.py                                   # ResNet-20, batch 128, crs 0.5 / 0.25
     python benchmarks/step_time.py --variants all --json out.json    # every method, default and exact settings
     python benchmarks/step_time.py --variants crs:sample_ratio=0.5 --channels-last
     python benchmarks/step_time.py --json out.json --compare docs/bench/step_time_cpu.json
+    python benchmarks/step_time.py --variants crs:probabilities=uniform --block 10 --steps 6
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ import math
 import os
 import platform
 import random
+import resource
 import statistics
 import sys
 import time
@@ -142,6 +149,12 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
     return t1 - t0, t2 - t1, t3 - t2, work
 
 
+def minor_faults() -> int:
+    """Minor page faults of this process so far: each is a fresh page the allocator got from the
+    system and the step then touched (glibc returns large freed blocks to the system by default)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def round_orders(keys: list[str], rounds: int, seed: int = 0) -> list[list[str]]:
     """The order of the variants in each round: a seeded shuffle per round, so whatever a
     position in the round or the step run just before costs (warm caches, the allocator's state)
@@ -233,17 +246,22 @@ def run(args: argparse.Namespace) -> dict:
         approximate(model, parse_spec(spec), seed=0)
         variants[spec] = (model, spec)
     optimizers = {k: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for k, (m, _) in variants.items()}
-    times = {k: {"forward": [], "backward": [], "optimizer": [], "step": [], "work": []} for k in variants}
+    times = {k: {"forward": [], "backward": [], "optimizer": [], "step": [], "work": [], "faults": []}
+             for k in variants}
     work = {k: {} for k in variants}  # per patched layer: (computed, exact) MACs summed over the timed rounds
     loss_fn = nn.CrossEntropyLoss()
     for round_, order in enumerate(round_orders(list(variants), args.warmup + args.steps)):
         for key in order:
             model = variants[key][0]
-            fwd, bwd, opt, work_fraction = train_step(model, optimizers[key], x, y, loss_fn, device)
-            if round_ >= args.warmup:
+            for _ in range(args.block):
+                faults = minor_faults()
+                fwd, bwd, opt, work_fraction = train_step(model, optimizers[key], x, y, loss_fn, device)
+                faults = minor_faults() - faults
+                if round_ < args.warmup:
+                    continue
                 rec = times[key]
                 for part, value in (("forward", fwd), ("backward", bwd), ("optimizer", opt),
-                                    ("step", fwd + bwd + opt), ("work", work_fraction)):
+                                    ("step", fwd + bwd + opt), ("work", work_fraction), ("faults", faults)):
                     rec[part].append(value)
                 for name, (computed, exact) in layer_work(model).items():
                     done = work[key].get(name, (0, 0))
@@ -270,7 +288,7 @@ def run(args: argparse.Namespace) -> dict:
         "memory_format": "channels_last" if args.channels_last else "contiguous",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "threads": torch.get_num_threads(), "torch": torch.__version__, "date": date.today().isoformat(),
-        "steps": args.steps, "warmup": args.warmup, "layer_steps": args.layer_steps,
+        "steps": args.steps, "warmup": args.warmup, "block": args.block, "layer_steps": args.layer_steps,
         "command": " ".join(["python", *sys.argv]), "medians": medians, "paired": paired,
         "rounds": {k: {part: rec[part] for part in ("forward", "backward", "step")} for k, rec in times.items()},
         "layers": layers, "floors": variant_floors,
@@ -291,13 +309,15 @@ def table(result: dict, reference: dict | None = None) -> str:
         return f"{r['median']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
 
     lines = ["| variant | forward (ms) | backward (ms) | step (ms) | fwd / exact | bwd / exact | step / exact "
-             "| backward work |" + (" step / exact, paired [95% CI] | bwd / exact, paired [95% CI] |" if paired else "")
+             "| backward work | page faults / step |"
+             + (" step / exact, paired [95% CI] | bwd / exact, paired [95% CI] |" if paired else "")
              + (" step vs saved |" if reference else ""),
-             "|---|---|---|---|---|---|---|---|" + ("---|---|" if paired else "") + ("---|" if reference else "")]
+             "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if paired else "") + ("---|" if reference else "")]
     for key, m in med.items():
+        faults = f"{m['faults']:.0f}" if "faults" in m else "-"  # absent from JSON saved before it existed
         row = (f"| {key} | {1e3 * m['forward']:.1f} | {1e3 * m['backward']:.1f} | {1e3 * m['step']:.1f} | "
                f"{m['forward'] / ex['forward']:.3f} | {m['backward'] / ex['backward']:.3f} | "
-               f"{m['step'] / ex['step']:.3f} | {100 * m['work']:.1f}% |")
+               f"{m['step'] / ex['step']:.3f} | {100 * m['work']:.1f}% | {faults} |")
         if paired:
             row += f" {ci('step', key)} | {ci('backward', key)} |"
         if reference:
@@ -350,6 +370,9 @@ def main(argv: list[str] | None = None) -> dict:
                         "settings)")
     p.add_argument("--steps", type=int, default=30, help="timed rounds (median over them)")
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--block", type=int, default=1,
+                   help="consecutive steps of one variant per round (1: every step interleaved; more: each "
+                        "variant also runs after itself, as in training, and the allocator settles to its pattern)")
     p.add_argument("--layer-steps", type=int, default=5, help="extra hook-timed rounds for the per-layer table")
     p.add_argument("--layers-of", nargs="*", default=None,
                    help="variants whose per-layer table is printed (default: the first approximate one)")

@@ -86,3 +86,12 @@ def test_floors_come_with_the_layer_rounds(step_time, capsys):
     no_layers = step_time.main(["--variants", "crs", "--batch-size", "4", "--steps", "1", "--warmup", "0",
                                 "--layer-steps", "0"])
     assert no_layers["floors"] == {}
+
+
+def test_blocks_run_consecutive_steps_and_count_page_faults(step_time):
+    result = step_time.main(["--variants", "crs:sample_ratio=0.5", "--batch-size", "4", "--steps", "2", "--warmup", "1",
+                             "--block", "3", "--layer-steps", "0"])
+    assert result["block"] == 3
+    for rounds in result["rounds"].values():
+        assert len(rounds["step"]) == 2 * 3  # every step of every timed block
+    assert all(m["faults"] >= 0 for m in result["medians"].values())
