@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -267,7 +268,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(header)
     print(table(rows))
     out = {"header": header, "command": " ".join(sys.argv), "rows": rows,
-           "runs": {k: [r.to_dict() for r in v] for k, v in results.items()}}
+           "runs": {k: [r.to_dict() for r in v] for k, v in results.items()},
+           # glibc's allocator settings change the step time (docs/benchmarks.md): keep them with the result
+           "malloc_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")}}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(out, indent=2))

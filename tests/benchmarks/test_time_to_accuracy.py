@@ -36,7 +36,8 @@ def test_configs_run_exact_then_each_recipe_per_seed(tta, tmp_path, monkeypatch,
     assert out["rows"][0]["backward_work"] == 1.0 and out["rows"][1]["backward_work"] < 1.0
     # relu_mask is exact: the same accuracy as the exact run for every seed.
     assert [r["test_acc"] for r in runs["relu_mask"]] == [r["test_acc"] for r in runs["exact"]]
-    assert json.loads((tmp_path / "tta.json").read_text())["rows"] == out["rows"]
+    saved = json.loads((tmp_path / "tta.json").read_text())
+    assert saved["rows"] == out["rows"] and "malloc_env" in saved
     assert (tmp_path / "tta.png").stat().st_size > 0
     assert "| crs | 2 |" in capsys.readouterr().out
 
