@@ -68,6 +68,7 @@ ALL_VARIANTS = [
     "crs", "bernoulli_crs", "topk", "forward_sampling", "grad_prune", "patch_grad", "relu_mask", "batch_crs",
     "crs:sample_ratio=0.25", "crs:grads=weight", "relu_mask+crs", "batch_crs:sample_ratio=0.25",
     "crs:probabilities=uniform", "crs:sample_ratio=0.25,probabilities=uniform", "forward_sampling:selection=uniform",
+    "crs:sample_ratio=0.111,probabilities=uniform,grads=weight,weight_window=pixel_grid",
 ]
 
 

@@ -3,6 +3,8 @@ and really computed on smaller tensors."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -427,3 +429,110 @@ def test_autocast_runs_the_sampled_layers_in_its_precision():
     assert out.dtype == plain.dtype == torch.bfloat16
     out.float().sum().backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+# --- weight_window="pixel_grid": a random offset of a strided grid of output pixels -------------
+@pytest.mark.parametrize("cfg", CONV_CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+@pytest.mark.parametrize("ratio", [0.5, 0.25, 1 / 9], ids=["rows", "2x2", "3x3"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_pixel_grid_weight_gradient_is_unbiased(monkeypatch, cfg, ratio, channels_last):
+    """Exactly unbiased for every geometry: the mean over the grid's offsets is the exact
+    weight gradient (float64), and each offset really differs from it."""
+    from lightning_approx.ops.conv import conv2d_grad_weight
+    from lightning_approx.ops.sampling import grid_step
+
+    layer = nn.Conv2d(**cfg).double()
+    method = CRS(sample_ratio=ratio, probabilities="uniform", grads="weight", weight_window="pixel_grid")
+    site = _site(layer, method)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = site.geometry.prepare_input(torch.randn(3, cfg["in_channels"], 9, 11, dtype=torch.float64))
+    x = x.contiguous(memory_format=fmt)
+    w = layer.weight.detach()
+    dy = torch.randn_like(site.geometry.forward(x, w, None)).contiguous(memory_format=fmt)
+    exact = conv2d_grad_weight(site.geometry, x, w, dy)
+    cells = math.prod(grid_step(ratio))
+    grads = over_windows(monkeypatch, lambda: method.conv2d_grad_weight(site, x, w, dy)[0], cells, 1)
+    torch.testing.assert_close(sum(grads) / cells, exact, rtol=1e-10, atol=1e-12)
+    assert all(not torch.allclose(g, exact) for g in grads)
+
+
+@pytest.mark.parametrize("ratio", [0.25, 1 / 9], ids=["2x2", "3x3"])
+def test_pixel_grid_is_unbiased_through_a_network(monkeypatch, ratio):
+    """Input gradients stay exact, so every layer's dy is exact and each weight gradient is
+    unbiased through batch norm too: the mean over the grid's offsets is the exact gradient."""
+    from lightning_approx.ops.sampling import grid_step
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Conv2d(4, 6, 3, stride=2, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(6 * 16, 5)).double()
+    x, y = torch.randn(10, 3, 8, 8, dtype=torch.float64), torch.randint(0, 5, (10,))
+
+    def grads() -> torch.Tensor:
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    exact = grads()
+    approximate(model, "crs", sample_ratio=ratio, probabilities="uniform", grads="weight",
+                weight_window="pixel_grid", exclude=None)
+    assert not torch.allclose(grads(), exact)
+    mean = mean_over_windows(monkeypatch, grads, math.prod(grid_step(ratio)), 1)
+    torch.testing.assert_close(mean, exact, rtol=1e-10, atol=1e-12)
+
+
+def test_pixel_grid_runs_a_strided_product_on_the_grid_only():
+    """At 1/9 a 3x3 grid: the product sees a ninth of the output pixels and the work counts
+    them; the input gradient and a Linear layer's weight gradient stay exact."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 81, 5))
+    x = torch.randn(2, 3, 9, 9, requires_grad=True)
+    model(x).square().sum().backward()
+    exact = [x.grad.clone(), model[2].weight.grad.clone()]
+    x.grad = None
+    model.zero_grad()
+    approximate(model, "crs", sample_ratio=1 / 9, probabilities="uniform", grads="weight",
+                weight_window="pixel_grid", exclude=None)
+    model(x).square().sum().backward()
+    torch.testing.assert_close(x.grad, exact[0])
+    torch.testing.assert_close(model[2].weight.grad, exact[1])
+    conv_site, linear_site = patched_sites(model)
+    macs = 2 * 4 * 81 * 3 * 9
+    assert conv_site.work.computed == macs + macs // 9  # exact input gradient + 9 of 81 pixels
+    assert linear_site.work.computed == linear_site.work.exact
+
+
+def test_pixel_grid_keeps_channels_last_and_is_exact_above_two_thirds():
+    layer = nn.Conv2d(4, 8, 3, padding=1).to(memory_format=torch.channels_last)
+    x = torch.randn(5, 4, 8, 8).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    layer(x).sum().backward()
+    exact = layer.weight.grad.clone()
+    layer.weight.grad = None
+    approximate(layer, _ThroughMethod([CRS(sample_ratio=0.7, probabilities="uniform", weight_window="pixel_grid",
+                                           grads="weight")]), exclude=None)
+    x.grad = None
+    layer(x).sum().backward()
+    assert x.grad.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(layer.weight.grad, exact)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"weight_window": "pixels"}, "unknown weight-gradient window"),
+    ({"weight_window": "pixel_grid"}, "equal probabilities only"),
+    ({"weight_window": "pixel_grid", "probabilities": "uniform", "grads": "input"}, "leaves exact"),
+    ({"weight_window": "pixel_grid", "probabilities": "uniform", "control_variate": "batch_mean"}, "no batch mean"),
+])
+def test_pixel_grid_config_errors(kwargs, message):
+    from lightning_approx import ConfigError
+
+    with pytest.raises(ConfigError, match=r"crs\.weight_window") as err:
+        CRS(**kwargs)
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("ratio,step", [(1.0, (1, 1)), (0.7, (1, 1)), (0.5, (2, 1)), (1 / 3, (3, 1)),
+                                        (0.25, (2, 2)), (1 / 6, (3, 2)), (1 / 9, (3, 3)), (0.2, (5, 1))])
+def test_grid_step(ratio, step):
+    from lightning_approx.ops.sampling import grid_step
+
+    assert grid_step(ratio) == step

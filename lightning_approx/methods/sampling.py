@@ -19,6 +19,12 @@ probabilities, as one contiguous window (:func:`~lightning_approx.ops.sampling.d
 scaled by n / k: also unbiased. It needs no norms and no gathers of the batch (a window of the
 batch is a view). On a CPU those passes over the activations cost about as much as the
 sampling saves (docs/methods/crs.md).
+
+With ``weight_window="pixel_grid"`` the weight gradient's pairs are output pixels instead of
+samples: the product ``sum_{n,i,j} dy[n,:,i,j] x_patch(n,i,j)`` runs on one random offset of a
+strided grid of pixels (:func:`~lightning_approx.ops.sampling.grid_step`) in every sample, scaled
+by the grid's cell count. Neighbouring pixels carry much the same gradient, so the estimate keeps
+every sample's contribution and is far less noisy than a window of the batch of the same size.
 """
 
 from __future__ import annotations
@@ -33,11 +39,12 @@ from lightning_approx.errors import ConfigError
 from lightning_approx.kernels import ops as kops
 from lightning_approx.methods.base import Hyperparameter, Method
 from lightning_approx.methods.registry import register
-from lightning_approx.ops.conv import conv2d_grad_input, conv2d_grad_weight
+from lightning_approx.ops.conv import conv2d_grad_input, conv2d_grad_weight, conv2d_grad_weight_on_grid
 from lightning_approx.ops.layout import batch_sum, channel_window, take_rows
 from lightning_approx.ops.sampling import (
     bernoulli_sample,
     crs_sample,
+    grid_step,
     group_rows,
     merge_duplicates,
     sample_count,
@@ -56,6 +63,7 @@ GRADS = {"both": frozenset({"grad_input", "grad_weight"}), "weight": frozenset({
          "input": frozenset({"grad_input"})}
 PROBABILITIES = ("norms", "uniform")
 CONTROL_VARIATES = ("none", "batch_mean")
+WEIGHT_WINDOWS = ("batch", "pixel_grid")
 
 
 def _window_product(rows: tuple[slice, ...], product) -> Tensor:
@@ -103,6 +111,13 @@ class CRS(Method):
             exactly (one batch-1 product and a pass over x and dy). Still exactly unbiased, with
             much less variance behind ReLU (docs/methods/crs.md). Needs
             ``probabilities="uniform"`` and a sampled weight gradient.
+        weight_window: What a uniform weight-gradient window holds: ``"batch"`` (k of the
+            samples) or ``"pixel_grid"`` (a random offset of a strided grid of each conv's output
+            pixels, in every sample: ``round(1 / sample_ratio)`` grid cells, so 0.5, 1/3, 0.25,
+            1/9 are kept exactly; exact above 2/3). Exactly unbiased, with far less variance than
+            a window of the batch (docs/methods/crs.md). Needs ``probabilities="uniform"`` and a
+            sampled weight gradient; a Linear layer has no pixels, so its weight gradient stays
+            exact.
     """
 
     name = "crs"
@@ -111,7 +126,8 @@ class CRS(Method):
     hyperparameters: ClassVar[dict[str, Hyperparameter]] = {"sample_ratio": SAMPLE_RATIO}
 
     def __init__(self, sample_ratio: float | Schedule = 0.5, uniform_mix: float = 0.0, grads: str = "both",
-                 probabilities: str = "norms", control_variate: str = "none") -> None:
+                 probabilities: str = "norms", control_variate: str = "none",
+                 weight_window: str = "batch") -> None:
         super().__init__()
         self._set("sample_ratio", sample_ratio)
         if grads not in GRADS:
@@ -143,10 +159,24 @@ class CRS(Method):
                               f"corrects the weight gradient, which grads={grads!r} leaves exact",
                               "use grads='both' or grads='weight', or drop control_variate")
         self.control_variate = control_variate
+        if weight_window not in WEIGHT_WINDOWS:
+            raise ConfigError(f"{self.name}.weight_window", weight_window, "unknown weight-gradient window",
+                              f"use one of {list(WEIGHT_WINDOWS)}")
+        if weight_window != "batch":
+            problem = ("is drawn with equal probabilities only" if probabilities != "uniform"
+                       else f"samples the weight gradient, which grads={grads!r} leaves exact"
+                       if "grad_weight" not in self.stages
+                       else "has no batch mean to correct: every sample is in the grid"
+                       if control_variate != "none" else None)
+            if problem is not None:
+                raise ConfigError(f"{self.name}.weight_window", weight_window, problem,
+                                  "use probabilities='uniform' with grads='both' or 'weight' and no control_variate, "
+                                  "or weight_window='batch'")
+        self.weight_window = weight_window
 
     def options(self) -> dict:
         return {"uniform_mix": self.uniform_mix, "grads": self.grads, "probabilities": self.probabilities,
-                "control_variate": self.control_variate}
+                "control_variate": self.control_variate, "weight_window": self.weight_window}
 
     # --- pair selection: the part bernoulli_crs / topk change ----------------------------
     def select(self, weights: Tensor, k: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -176,6 +206,8 @@ class CRS(Method):
         n = x.shape[0]
         if self._exact():
             return conv2d_grad_weight(geom, x, weight, dy), macs
+        if self.weight_window == "pixel_grid":
+            return self._conv2d_grad_weight_on_grid(site, x, weight, dy, macs)
         k = sample_count(self.value("sample_ratio"), n)
         if self.probabilities == "uniform":
             rows = site.draw_window(n, k)
@@ -189,6 +221,19 @@ class CRS(Method):
         dy_k = kops.gather_scale(dy, idx, scale, 0)
         grad = conv2d_grad_weight(geom, kops.gather_scale(x, idx, None, 0), weight, dy_k)
         return grad, macs * idx.numel() // n
+
+    def _conv2d_grad_weight_on_grid(self, site: LayerSite, x: Tensor, weight: Tensor, dy: Tensor,
+                                    macs: int) -> tuple[Tensor, int]:
+        """One of the grid's ``s_h * s_w`` offsets, drawn uniformly (as a window of one), scaled by
+        ``s_h * s_w``: every output pixel is in the grid with probability ``1 / (s_h s_w)``."""
+        geom = site.geometry
+        s_h, s_w = grid_step(self.value("sample_ratio"))
+        if s_h * s_w == 1:
+            return conv2d_grad_weight(geom, x, weight, dy), macs
+        a, b = divmod(site.draw_window(s_h * s_w, 1)[0].start, s_w)
+        grad = conv2d_grad_weight_on_grid(geom, x, weight, dy, (s_h, s_w), (a, b)).mul_(s_h * s_w)
+        h, w = dy.shape[2:]
+        return grad, macs * len(range(a, h, s_h)) * len(range(b, w, s_w)) // (h * w)
 
     def conv2d_grad_input(self, site: LayerSite, x: Tensor, weight: Tensor, dy: Tensor) -> tuple[Tensor, int]:
         geom = site.geometry
@@ -219,7 +264,7 @@ class CRS(Method):
     def linear_grad_weight(self, site: LayerSite, x: Tensor, weight: Tensor, dy: Tensor) -> tuple[Tensor, int]:
         n = x.shape[0]
         macs = n * weight.shape[0] * weight.shape[1]
-        if self._exact():
+        if self._exact() or self.weight_window == "pixel_grid":  # no pixels: exact
             return dy.t().mm(x), macs
         k = sample_count(self.value("sample_ratio"), n)
         if self.probabilities == "uniform":

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_approx.ops.layout import is_channels_last
+
 _aten = torch.ops.aten
 
 
@@ -94,3 +96,25 @@ def conv2d_grads(geom: ConvGeometry, x: Tensor, weight: Tensor, dy: Tensor) -> t
     """dL/dx and dL/dW of a conv from one fused call (cheaper than the two halves on CPU)."""
     grad_x, grad_w, _ = _backward(geom, x, weight, dy, (True, True, False))
     return grad_x, grad_w
+
+
+def conv2d_grad_weight_on_grid(geom: ConvGeometry, x: Tensor, weight: Tensor, dy: Tensor,
+                               step: tuple[int, int], offset: tuple[int, int]) -> Tensor:
+    """dL/dW of a conv from the output pixels ``(offset + step * (i, j))`` only: a strided sub-grid
+    of ``dy``, in every sample.
+
+    The sub-grid is itself a conv with stride ``step * stride``, over ``x`` shifted by ``offset *
+    stride`` pixels. Torch pads symmetrically, so ``x`` is padded (or cropped) explicitly: one copy of
+    ``x``, after which the product runs on ``1 / (step_h * step_w)`` of the output pixels.
+    """
+    (sh, sw), (a, b) = step, offset
+    (st_h, st_w), (p_h, p_w) = geom.stride, geom.padding
+    dy_grid = dy[:, :, a::sh, b::sw]
+    if dy_grid.numel() == 0:  # more grid steps than output rows or columns: this offset holds none
+        return torch.zeros_like(weight)
+    fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
+    # The grid's first output reads x from row a*st_h - p_h (negative: padding): start xs there.
+    xs = F.pad(x, (p_w - b * st_w, p_w, p_h - a * st_h, p_h)).contiguous(memory_format=fmt)
+    return _aten.convolution_backward(dy_grid.contiguous(memory_format=fmt), xs, weight, None,
+                                      (sh * st_h, sw * st_w), (0, 0), geom.dilation, False, (0, 0), geom.groups,
+                                      (False, True, False))[1]

@@ -35,6 +35,15 @@ def draw_rows(n: int, k: int, generator: torch.Generator) -> tuple[slice, ...]:
     return (slice(start, end),) if end <= n else (slice(start, n), slice(0, end - n))
 
 
+def grid_step(ratio: float) -> tuple[int, int]:
+    """The pixel grid that keeps about ``ratio`` of a feature map: steps ``(s_h, s_w)`` with
+    ``s_h * s_w = round(1 / ratio)``, as square as the product allows (0.5: (2, 1); 0.25: (2, 2);
+    1/9: (3, 3)); ``(1, 1)`` (every pixel) from a ratio above 2/3."""
+    cells = max(1, round(1 / ratio))
+    s_w = max(d for d in range(1, math.isqrt(cells) + 1) if cells % d == 0)
+    return cells // s_w, s_w
+
+
 def group_rows(rows: tuple[slice, ...], groups: int, per_group: int) -> tuple[slice, ...]:
     """The same window in each of ``groups`` consecutive groups of ``per_group`` rows."""
     if groups == 1:
