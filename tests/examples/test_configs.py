@@ -20,7 +20,6 @@ EXPECTED = {
     "cifar10_resnet20_crs_weight_uniform_cv.yaml": ("crs", "resnet20"),
     "cifar10_resnet20_crs_weight_grid.yaml": ("crs", "resnet20"),
     "cifar10_resnet20_crs_weight_grid_025.yaml": ("crs", "resnet20"),
-    "cifar10_resnet20_crs_weight_grid_deep.yaml": ("crs", "resnet20"),
     "cifar10_resnet20_crs_weight_uniform_late.yaml": ("crs", "resnet20"),
     "cifar10_resnet20_bernoulli_crs.yaml": ("bernoulli_crs", "resnet20"),
     "cifar10_resnet20_batch_crs.yaml": ("batch_crs", "resnet20"),
