@@ -268,8 +268,11 @@ def test_uniform_linear_crs_is_unbiased(monkeypatch, ratio):
     torch.testing.assert_close(mean_x, dy @ w, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("ratio", [0.5, 0.4], ids=["divides", "wraps"])
-def test_uniform_weight_only_is_unbiased_through_a_network(monkeypatch, ratio):
+@pytest.mark.parametrize("ratio,options,windows_of", [
+    (0.5, {}, (10, 5)), (0.4, {}, (10, 4)),  # windows of the batch: k divides n, or wraps
+    (0.25, {"weight_window": "pixel_grid"}, (4, 1)), (1 / 9, {"weight_window": "pixel_grid"}, (9, 1)),  # grid offsets
+], ids=["divides", "wraps", "grid-2x2", "grid-3x3"])
+def test_uniform_weight_only_is_unbiased_through_a_network(monkeypatch, ratio, options, windows_of):
     """With exact input gradients every layer's dy is exact, so each weight gradient is unbiased
     in a whole network too (batch norm included): the mean over every window is the exact one."""
     torch.manual_seed(0)
@@ -284,9 +287,9 @@ def test_uniform_weight_only_is_unbiased_through_a_network(monkeypatch, ratio):
         return torch.cat([p.grad.flatten() for p in model.parameters()])
 
     exact = grads()
-    approximate(model, "crs", sample_ratio=ratio, probabilities="uniform", grads="weight", exclude=None)
+    approximate(model, "crs", sample_ratio=ratio, probabilities="uniform", grads="weight", exclude=None, **options)
     assert not torch.allclose(grads(), exact)
-    mean = mean_over_windows(monkeypatch, grads, 10, round(ratio * 10))
+    mean = mean_over_windows(monkeypatch, grads, *windows_of)
     torch.testing.assert_close(mean, exact, rtol=1e-10, atol=1e-12)
 
 
@@ -454,31 +457,6 @@ def test_pixel_grid_weight_gradient_is_unbiased(monkeypatch, cfg, ratio, channel
     grads = over_windows(monkeypatch, lambda: method.conv2d_grad_weight(site, x, w, dy)[0], cells, 1)
     torch.testing.assert_close(sum(grads) / cells, exact, rtol=1e-10, atol=1e-12)
     assert all(not torch.allclose(g, exact) for g in grads)
-
-
-@pytest.mark.parametrize("ratio", [0.25, 1 / 9], ids=["2x2", "3x3"])
-def test_pixel_grid_is_unbiased_through_a_network(monkeypatch, ratio):
-    """Input gradients stay exact, so every layer's dy is exact and each weight gradient is
-    unbiased through batch norm too: the mean over the grid's offsets is the exact gradient."""
-    from lightning_approx.ops.sampling import grid_step
-
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-                          nn.Conv2d(4, 6, 3, stride=2, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
-                          nn.Flatten(), nn.Linear(6 * 16, 5)).double()
-    x, y = torch.randn(10, 3, 8, 8, dtype=torch.float64), torch.randint(0, 5, (10,))
-
-    def grads() -> torch.Tensor:
-        model.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        return torch.cat([p.grad.flatten() for p in model.parameters()])
-
-    exact = grads()
-    approximate(model, "crs", sample_ratio=ratio, probabilities="uniform", grads="weight",
-                weight_window="pixel_grid", exclude=None)
-    assert not torch.allclose(grads(), exact)
-    mean = mean_over_windows(monkeypatch, grads, math.prod(grid_step(ratio)), 1)
-    torch.testing.assert_close(mean, exact, rtol=1e-10, atol=1e-12)
 
 
 def test_pixel_grid_runs_a_strided_product_on_the_grid_only():
