@@ -26,7 +26,8 @@ class ImageClassifier(pl.LightningModule):
         weight_decay: L2 weight decay.
         lr_schedule: ``"cosine"`` (per step, to zero), ``"onecycle"`` or ``"none"``.
         label_smoothing: Cross-entropy label smoothing.
-        channels_last: Use channels-last memory format (faster on GPUs with tensor cores).
+        channels_last: Use channels-last memory format: faster on GPUs with tensor cores, and with
+            oneDNN on a CPU (the ResNet-20 step on the 2-core CPU, docs/benchmarks.md).
     """
 
     def __init__(self, model: str = "resnet20", num_classes: int = 10, lr: float = 0.1, momentum: float = 0.9,
