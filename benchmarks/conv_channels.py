@@ -120,7 +120,8 @@ def table(result: dict) -> str:
         for which in PRODUCTS:
             ms = row["ms"][which]
             ratios = " | ".join(f"{ms[cut] / ms['full']:.2f}" for cut in CUTS[1:])
-            lines.append(f"| {layers} | {row['x_shape']} | {row['weight_shape']} | {which} | {ms['full']:.2f} | {ratios} |")
+            shapes = f"{row['x_shape']} | {row['weight_shape']}"
+            lines.append(f"| {layers} | {shapes} | {which} | {ms['full']:.2f} | {ratios} |")
     return "\n".join(lines)
 
 
