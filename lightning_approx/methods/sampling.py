@@ -162,16 +162,17 @@ class CRS(Method):
         if weight_window not in WEIGHT_WINDOWS:
             raise ConfigError(f"{self.name}.weight_window", weight_window, "unknown weight-gradient window",
                               f"use one of {list(WEIGHT_WINDOWS)}")
-        if weight_window != "batch":
-            problem = ("is drawn with equal probabilities only" if probabilities != "uniform"
-                       else f"samples the weight gradient, which grads={grads!r} leaves exact"
-                       if "grad_weight" not in self.stages
-                       else "has no batch mean to correct: every sample is in the grid"
-                       if control_variate != "none" else None)
-            if problem is not None:
-                raise ConfigError(f"{self.name}.weight_window", weight_window, problem,
-                                  "use probabilities='uniform' with grads='both' or 'weight' and no control_variate, "
-                                  "or weight_window='batch'")
+        if weight_window == "pixel_grid":
+            field = f"{self.name}.weight_window"
+            if probabilities != "uniform":
+                raise ConfigError(field, weight_window, "is drawn with equal probabilities only",
+                                  "add probabilities='uniform', or use weight_window='batch'")
+            if "grad_weight" not in self.stages:
+                raise ConfigError(field, weight_window, f"samples the weight gradient, which grads={grads!r} leaves "
+                                  "exact", "use grads='both' or grads='weight', or drop weight_window")
+            if control_variate != "none":
+                raise ConfigError(field, weight_window, "has no batch mean to correct: every sample is in the grid",
+                                  "drop control_variate, or use weight_window='batch'")
         self.weight_window = weight_window
 
     def options(self) -> dict:

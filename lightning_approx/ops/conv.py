@@ -7,7 +7,7 @@ full-size tensors.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -115,6 +115,5 @@ def conv2d_grad_weight_on_grid(geom: ConvGeometry, x: Tensor, weight: Tensor, dy
     fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
     # The grid's first output reads x from row a*st_h - p_h (negative: padding): start xs there.
     xs = F.pad(x, (p_w - b * st_w, p_w, p_h - a * st_h, p_h)).contiguous(memory_format=fmt)
-    return _aten.convolution_backward(dy_grid.contiguous(memory_format=fmt), xs, weight, None,
-                                      (sh * st_h, sw * st_w), (0, 0), geom.dilation, False, (0, 0), geom.groups,
-                                      (False, True, False))[1]
+    grid = replace(geom, stride=(sh * st_h, sw * st_w), padding=(0, 0), pre_pad=None)
+    return conv2d_grad_weight(grid, xs, weight, dy_grid.contiguous(memory_format=fmt))
