@@ -19,6 +19,6 @@ fi
     python3 benchmarks/kernels.py --quick --json "$out/kernels_gpu.json"
     python3 benchmarks/gpu_step_time.py --models resnet20 --steps 20 --warmup 5 \
         --methods crs crs:probabilities=uniform crs:sample_ratio=0.25,probabilities=uniform batch_crs forward_sampling \
-            forward_sampling:selection=uniform \
+            forward_sampling:selection=uniform crs:sample_ratio=0.111,probabilities=uniform,grads=weight,weight_window=pixel_grid \
         --json "$out/gpu_step_time_gpu.json"
 } 2>&1 | tee "$out/gpu_check.log"
