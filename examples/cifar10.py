@@ -8,7 +8,8 @@
 
 The default data is the real CIFAR-10 subset bundled in examples/data/cifar10-subset
 (5,085 training and 932 test images), so the example runs without a download. The recipe:
-SGD with Nesterov momentum, cosine learning rate per step, random crop (padding 4) and flip.
+SGD with Nesterov momentum, peak learning rate 0.05 (the best of 0.025 / 0.05 / 0.1 for exact
+ResNet-20 on the subset), cosine per step, random crop (padding 4) and flip.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ DEFAULT_DATA = Path(__file__).resolve().parent / "data" / "cifar10-subset"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_run_arguments(p, epochs=8, batch_size=128)
+    add_run_arguments(p, epochs=8, batch_size=128, lr=0.05)
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
     p.add_argument("--download", action="store_true", help="download the official archive into --data-dir")
     p.add_argument("--model", default="resnet20", help="resnet20, resnet32, resnet56 or vgg19_bn")

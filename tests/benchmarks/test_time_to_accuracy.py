@@ -44,7 +44,9 @@ def test_configs_run_exact_then_each_recipe_per_seed(tta, tmp_path, monkeypatch,
 
 def test_configs_that_differ_beyond_callbacks_are_refused(tta, tmp_path):
     other = tmp_path / "cifar10_resnet20_other.yaml"
-    other.write_text((CONFIGS / "cifar10_resnet20_crs.yaml").read_text().replace("lr: 0.1", "lr: 0.05"))
+    text = (CONFIGS / "cifar10_resnet20_crs.yaml").read_text()
+    assert "max_epochs: 8" in text
+    other.write_text(text.replace("max_epochs: 8", "max_epochs: 9"))
     with pytest.raises(ConfigError, match=r"differs from .* in more than trainer\.callbacks"):
         tta.main(["--seeds", "0", "--configs", str(CONFIGS / "cifar10_resnet20_crs.yaml"), str(other)])
 
