@@ -26,10 +26,7 @@ low (in the method's favour).
 ``--block N`` runs N consecutive steps of each variant per round, so that each also follows
 itself, as in training; the paired ratio then pairs the k-th step of a block with exact's k-th.
 The table also counts the minor page faults per step: the fresh pages the allocator got from the
-system, which glibc's defaults make a cost of every large temporary. The methods copy some operands
-into scratch buffers that every layer and step reuse; ``--fresh-temporaries`` allocates them afresh
-instead, so two processes, one with it, measure what the buffers save (the variants of one process
-share one heap, so an A/B inside one process hides the allocator's part).
+system, which glibc's defaults make a cost of every large temporary.
 
     python benchmarks/step_time.py                                   # ResNet-20, batch 128, crs 0.5 / 0.25
     python benchmarks/step_time.py --variants all --json out.json    # every method, default and exact settings
@@ -60,7 +57,6 @@ from torch import nn
 from lightning_approx import approximate
 from lightning_approx.methods import parse_spec
 from lightning_approx.models import build_model
-from lightning_approx.ops.scratch import Scratch, empty_dense
 from lightning_approx.surgery import patched_sites
 
 DEFAULT_VARIANTS = ["crs:sample_ratio=0.5", "crs:sample_ratio=0.25"]
@@ -236,13 +232,6 @@ def floors(step: float, backward: float, exact_layers: dict[str, dict[str, float
     return {"step": 1.0 - (saved_fwd + saved_bwd) / step, "backward": 1.0 - saved_bwd / backward}
 
 
-class FreshScratch(Scratch):
-    """A scratch that never reuses: every temporary is a new allocation (``--fresh-temporaries``)."""
-
-    def empty(self, slot: str, size, like: torch.Tensor) -> torch.Tensor:
-        return empty_dense(size, like)
-
-
 def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     device = torch.device(args.device)
@@ -256,10 +245,6 @@ def run(args: argparse.Namespace) -> dict:
     for spec in args.variants:
         model = copy.deepcopy(base)
         approximate(model, parse_spec(spec), seed=0)
-        if args.fresh_temporaries:
-            for site in patched_sites(model):
-                for method in site.pipeline.methods:
-                    method.scratch = FreshScratch()
         variants[spec] = (model, spec)
     optimizers = {k: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for k, (m, _) in variants.items()}
     times = {k: {"forward": [], "backward": [], "optimizer": [], "step": [], "work": [], "faults": []}
@@ -310,7 +295,6 @@ def run(args: argparse.Namespace) -> dict:
         "layers": layers, "floors": variant_floors,
         # glibc's allocator settings change what fresh temporaries cost (page faults): keep them with the result
         "malloc_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")},
-        "fresh_temporaries": args.fresh_temporaries,
     }
 
 
@@ -394,10 +378,6 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--layers-of", nargs="*", default=None,
                    help="variants whose per-layer table is printed (default: the first approximate one)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all of the machine's)")
-    p.add_argument("--fresh-temporaries", action="store_true",
-                   help="the methods allocate their backward's temporaries afresh instead of reusing their "
-                        "scratch buffers (lightning_approx/ops/scratch.py): run it in a second process to measure "
-                        "what the buffers save")
     p.add_argument("--json", type=Path, help="write the result here")
     p.add_argument("--compare", type=Path, help="a saved result to compare step times against")
     args = p.parse_args(argv)

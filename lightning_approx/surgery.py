@@ -149,8 +149,7 @@ def _remove_hooks(model: nn.Module) -> None:
 
 
 def restore(model: nn.Module) -> list[str]:
-    """Puts the exact layer classes back, in place, and frees the methods' scratch buffers;
-    returns the names restored.
+    """Puts the exact layer classes back, in place; returns the names restored.
 
     Safe on a model that was never patched (returns ``[]``).
     """
@@ -159,10 +158,8 @@ def restore(model: nn.Module) -> list[str]:
     for name, module in model.named_modules():
         exact_cls = EXACT_CLASS.get(type(module))
         if exact_cls is not None:
-            site = module.__dict__.pop("approx_site", None)
-            if site is not None:
-                site.pipeline.release()  # the sites share one pipeline: clearing again is free
             module.__class__ = exact_cls
+            module.__dict__.pop("approx_site", None)
             restored.append(name)
     return restored
 

@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_approx.ops.scratch import Scratch
 from lightning_approx.schedules import Progress, Schedule, as_schedule, check_range
 
 if TYPE_CHECKING:
@@ -62,7 +61,6 @@ class Method:
     def __init__(self) -> None:
         self._schedules: dict[str, Schedule] = {}
         self._values: dict[str, float] = {}
-        self.scratch = Scratch()  # buffers for the backward's temporaries (ops/scratch.py)
 
     # --- hyperparameters -------------------------------------------------------------
     def _set(self, field: str, value: float | Schedule | Any) -> None:
@@ -133,11 +131,6 @@ class Method:
         the output layer's gradient); called once by :func:`~lightning_approx.approximate`,
         and the handles are removed by :func:`~lightning_approx.restore`."""
         return []
-
-    def release(self) -> None:
-        """Frees what the method keeps between steps (its :attr:`scratch` buffers); called by
-        :func:`~lightning_approx.restore`. The method stays usable."""
-        self.scratch.clear()
 
     def replaces(self, site: LayerSite, weight: Tensor) -> bool:
         """Whether this method computes its ``grad_input`` / ``grad_weight`` stages at this

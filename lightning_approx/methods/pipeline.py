@@ -86,11 +86,6 @@ class Pipeline:
         """Current hyperparameter values, keyed ``"<method>.<field>"``."""
         return {f"{m.name}.{k}": v for m in self.methods for k, v in m.values().items()}
 
-    def release(self) -> None:
-        """Frees the methods' buffers (:meth:`Method.release`)."""
-        for method in self.methods:
-            method.release()
-
     def to_config(self) -> list[dict]:
         return [m.to_config() for m in self.methods]
 

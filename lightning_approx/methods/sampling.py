@@ -47,7 +47,6 @@ from lightning_approx.ops.sampling import (
     grid_step,
     group_rows,
     merge_duplicates,
-    row_count,
     sample_count,
     topk_select,
 )
@@ -233,7 +232,7 @@ class CRS(Method):
         if s_h * s_w == 1:
             return conv2d_grad_weight(geom, x, weight, dy), macs
         a, b = divmod(site.draw_window(s_h * s_w, 1)[0].start, s_w)
-        grad = conv2d_grad_weight_on_grid(geom, x, weight, dy, (s_h, s_w), (a, b), self.scratch).mul_(s_h * s_w)
+        grad = conv2d_grad_weight_on_grid(geom, x, weight, dy, (s_h, s_w), (a, b)).mul_(s_h * s_w)
         h, w = dy.shape[2:]
         return grad, macs * len(range(a, h, s_h)) * len(range(b, w, s_w)) // (h * w)
 
@@ -249,9 +248,7 @@ class CRS(Method):
             # One window of each group's channels (the same offsets in every group).
             rows = group_rows(site.draw_window(per_group, k), groups, per_group)
             weight_k = take_rows(weight, rows, 0) * (per_group / k)  # scale the small operand
-            n, _, h, w = dy.shape
-            window = self.scratch.empty("dy_window", (n, row_count(rows, cout), h, w), dy)
-            grad = conv2d_grad_input(geom, x, weight_k, channel_window(dy, rows, out=window))
+            grad = conv2d_grad_input(geom, x, weight_k, channel_window(dy, rows))
             return grad, macs * k // per_group
         # Grouped convs keep their structure: the same number of channels from every group.
         norms = kops.sample_norms(weight) * self._plane_sq_norms(dy).sum(0).sqrt()

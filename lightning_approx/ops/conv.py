@@ -7,14 +7,13 @@ full-size tensors.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_approx.ops.scratch import Scratch, empty_dense
+from lightning_approx.ops.layout import is_channels_last
 
 _aten = torch.ops.aten
 
@@ -100,50 +99,21 @@ def conv2d_grads(geom: ConvGeometry, x: Tensor, weight: Tensor, dy: Tensor) -> t
 
 
 def conv2d_grad_weight_on_grid(geom: ConvGeometry, x: Tensor, weight: Tensor, dy: Tensor,
-                               step: tuple[int, int], offset: tuple[int, int],
-                               scratch: Scratch | None = None) -> Tensor:
+                               step: tuple[int, int], offset: tuple[int, int]) -> Tensor:
     """dL/dW of a conv from the output pixels ``(offset + step * (i, j))`` only: a strided sub-grid
     of ``dy``, in every sample.
 
     The sub-grid is itself a conv with stride ``step * stride``, over ``x`` shifted by ``offset *
     stride`` pixels. Torch pads symmetrically, so ``x`` is padded (or cropped) explicitly: one copy of
-    ``x``, after which the product runs on ``1 / (step_h * step_w)`` of the output pixels. With a
-    ``scratch``, that copy and the dense copy of the sub-grid of ``dy`` go into its buffers.
+    ``x``, after which the product runs on ``1 / (step_h * step_w)`` of the output pixels.
     """
     (sh, sw), (a, b) = step, offset
     (st_h, st_w), (p_h, p_w) = geom.stride, geom.padding
     dy_grid = dy[:, :, a::sh, b::sw]
     if dy_grid.numel() == 0:  # more grid steps than output rows or columns: this offset holds none
         return torch.zeros_like(weight)
+    fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
     # The grid's first output reads x from row a*st_h - p_h (negative: padding): start xs there.
-    pad = (p_w - b * st_w, p_w, p_h - a * st_h, p_h)
+    xs = F.pad(x, (p_w - b * st_w, p_w, p_h - a * st_h, p_h)).contiguous(memory_format=fmt)
     grid = replace(geom, stride=(sh * st_h, sw * st_w), padding=(0, 0), pre_pad=None)
-    xs = _empty(scratch, "grid_x", _padded_size(x.shape, pad), x)
-    dy_dense = _empty(scratch, "grid_dy", dy_grid.shape, dy).copy_(dy_grid)
-    return conv2d_grad_weight(grid, pad_into(xs, x, pad), weight, dy_dense)
-
-
-def _empty(scratch: Scratch | None, slot: str, size: Sequence[int], like: Tensor) -> Tensor:
-    return empty_dense(size, like) if scratch is None else scratch.empty(slot, size, like)
-
-
-def _padded_size(size: torch.Size, pad: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
-    left, right, top, bottom = pad
-    n, c, h, w = size
-    return n, c, h + top + bottom, w + left + right
-
-
-def pad_into(out: Tensor, x: Tensor, pad: tuple[int, int, int, int]) -> Tensor:
-    """``F.pad(x, pad)`` (zeros; a negative pad crops) written into ``out``, which has its size."""
-    left, right, top, bottom = pad
-    h, w = x.shape[2:]
-    x = x[:, :, max(-top, 0):h - max(-bottom, 0), max(-left, 0):w - max(-right, 0)]
-    y0, x0 = max(top, 0), max(left, 0)  # where x's first kept row and column land in out
-    h, w = x.shape[2:]
-    # Zero only the border: the interior is overwritten.
-    out[:, :, :y0].zero_()
-    out[:, :, y0 + h:].zero_()
-    out[:, :, y0:y0 + h, :x0].zero_()
-    out[:, :, y0:y0 + h, x0 + w:].zero_()
-    out[:, :, y0:y0 + h, x0:x0 + w].copy_(x)
-    return out
+    return conv2d_grad_weight(grid, xs, weight, dy_grid.contiguous(memory_format=fmt))

@@ -32,35 +32,19 @@ def take_rows(t: Tensor, rows: tuple[slice, ...], dim: int) -> Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
 
 
-def channel_window(t: Tensor, rows: tuple[slice, ...], out: Tensor | None = None) -> Tensor:
+def channel_window(t: Tensor, rows: tuple[slice, ...]) -> Tensor:
     """``t[:, rows]`` (slices of dim 1) as one dense tensor in ``t``'s memory format (the
-    products need it dense); differentiable when ``out`` is ``None``.
+    products need it dense); differentiable.
 
     A channels-last tensor is sliced as its ``(NHW, C)`` view, so the backward is a plain copy
     into zeros of that view; the gradient of a 4-d channel slice goes through a strided 4-d copy
     that made ``forward_sampling``'s backward slower than exact's (docs/benchmarks.md).
-
-    Args:
-        t: A 4-d tensor.
-        rows: Slices of ``t``'s channels, in order.
-        out: A dense tensor of the window's size and ``t``'s memory format to write the window
-            into (a :class:`~lightning_approx.ops.scratch.Scratch` buffer), or ``None`` for a new one.
     """
-    if out is None:
-        if not is_channels_last(t):
-            return take_rows(t, rows, 1).contiguous()
-        n, c, h, w = t.shape
-        window = take_rows(t.permute(0, 2, 3, 1).reshape(-1, c), rows, 1).contiguous()
-        return window.view(n, h, w, -1).permute(0, 3, 1, 2)
-    if is_channels_last(t):  # copy between the (NHW, C) views (``view``: out must be channels-last)
-        src, dst = t.permute(0, 2, 3, 1).reshape(-1, t.shape[1]), out.permute(0, 2, 3, 1).view(-1, out.shape[1])
-    else:
-        src, dst = t, out
-    start = 0
-    for r in rows:
-        dst.narrow(1, start, r.stop - r.start).copy_(src[:, r])
-        start += r.stop - r.start
-    return out
+    if not is_channels_last(t):
+        return take_rows(t, rows, 1).contiguous()
+    n, c, h, w = t.shape
+    window = take_rows(t.permute(0, 2, 3, 1).reshape(-1, c), rows, 1).contiguous()
+    return window.view(n, h, w, -1).permute(0, 3, 1, 2)
 
 
 def batch_sum(t: Tensor) -> Tensor:

@@ -95,21 +95,3 @@ def test_blocks_run_consecutive_steps_and_count_page_faults(step_time):
     for rounds in result["rounds"].values():
         assert len(rounds["step"]) == 2 * 3  # every step of every timed block
     assert all(m["faults"] >= 0 for m in result["medians"].values())
-
-
-def test_fresh_temporaries_swap_every_methods_scratch(step_time, monkeypatch):
-    """``--fresh-temporaries`` (the A/B of the scratch buffers) leaves no buffer to reuse."""
-    seen = []
-    real_run = step_time.train_step
-
-    def train_step(model, *args):
-        out = real_run(model, *args)
-        seen.extend(m.scratch for s in step_time.patched_sites(model) for m in s.pipeline.methods)
-        return out
-
-    monkeypatch.setattr(step_time, "train_step", train_step)
-    result = step_time.main(["--variants", "crs:probabilities=uniform", "--batch-size", "4", "--steps", "1",
-                             "--warmup", "0", "--layer-steps", "0", "--threads", str(torch.get_num_threads()),
-                             "--fresh-temporaries"])
-    assert result["fresh_temporaries"] is True
-    assert seen and all(isinstance(s, step_time.FreshScratch) and len(s) == 0 for s in seen)
