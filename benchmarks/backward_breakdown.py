@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import json
 import statistics
 import sys
 import time
@@ -36,6 +35,7 @@ import lightning_approx.methods.sampling as sampling
 from lightning_approx import approximate
 from lightning_approx.methods import parse_spec
 from lightning_approx.models import build_model
+from lightning_approx.runs import write_json
 
 # (namespace, attribute, piece): the calls of CRS's backward, as its module sees them.
 PIECES = [
@@ -151,9 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{args.model}, batch {args.batch_size}, {result['memory_format']}, {result['threads']} threads, "
           f"median of {args.steps} steps, {result['date']}")
     print(table(result))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
+    write_json(args.json, result)
     return result
 
 

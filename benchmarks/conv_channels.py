@@ -17,7 +17,6 @@ channels (``crs``'s input-gradient window) and of the batch (``crs``'s weight-gr
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -30,6 +29,7 @@ from torch import nn
 
 from lightning_approx.models import build_model
 from lightning_approx.ops.conv import ConvGeometry
+from lightning_approx.runs import write_json
 
 _aten = torch.ops.aten
 PRODUCTS = ("forward", "input_grad", "weight_grad")
@@ -157,8 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
               "command": "python benchmarks/conv_channels.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "shapes": rows}
     print(table(result))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+    write_json(args.json, result)
     return result
 
 

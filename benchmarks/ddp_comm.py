@@ -21,7 +21,6 @@ the list; rank 0 prints the table and writes the JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -39,6 +38,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning_approx import ApproxBackward, ApproxDDPStrategy
 from lightning_approx.classifier import ImageClassifier
 from lightning_approx.data import CIFAR10DataModule
+from lightning_approx.runs import write_json
 
 DATA = Path(__file__).resolve().parents[1] / "examples" / "data" / "cifar10-subset"
 
@@ -208,8 +208,7 @@ def main() -> None:
     if args.json:
         record = {"command": "python " + " ".join([sys.argv[0], *sys.argv[1:]]), "machine": machine(),
                   "settings": {k: v for k, v in vars(args).items() if k != "json"}, "rows": rows}
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(record, indent=1, default=str) + "\n")
+        write_json(args.json, record)
 
 
 if __name__ == "__main__":

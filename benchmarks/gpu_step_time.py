@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
 from datetime import date
@@ -28,6 +27,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from lightning_approx.runs import write_json
 
 WORKLOADS = {  # model -> (image size, batch size, classes)
     "resnet20": (32, 256, 10),
@@ -167,9 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
         print()
     print(f"{result['device']}, torch {result['torch']}, median of {args.steps} interleaved steps after "
           f"{args.warmup} warm-up")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
+    write_json(args.json, result)
     return result
 
 

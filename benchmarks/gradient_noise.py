@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import statistics
 import sys
@@ -41,6 +40,7 @@ from lightning_approx.data.cifar10 import CIFAR10DataModule
 from lightning_approx.methods import parse_spec
 from lightning_approx.models import build_model
 from lightning_approx.ops.fidelity import fidelity
+from lightning_approx.runs import write_json
 
 DATA = Path(__file__).resolve().parents[1] / "examples" / "data" / "cifar10-subset"
 HALF_BATCH, OTHER_BATCH = "exact, half of the batch", "exact, another batch"
@@ -176,9 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
                      "or more")
     result = run(args)
     print(table(result))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
+    write_json(args.json, result)
     return result
 
 

@@ -39,6 +39,7 @@ from lightning_approx import ApproxBackward, KernelRescaling
 from lightning_approx.classifier import ImageClassifier
 from lightning_approx.data.cifar10 import CIFAR10DataModule
 from lightning_approx.ops.rescale import resize_images
+from lightning_approx.runs import write_json
 from lightning_approx.schedules import Progress
 from lightning_approx.summary import RunSummary
 
@@ -215,9 +216,7 @@ def main(argv: list[str] | None = None) -> dict:
     print()
     print(switch_table(runs))
     out = {"header": header, "command": " ".join(["python", *sys.argv]), "runs": runs}
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=2))
+    write_json(args.json, out)
     return out
 
 
@@ -231,9 +230,7 @@ def merge(paths: list[Path], out_path: Path | None) -> dict:
     print()
     print(switch_table(runs))
     out = {"parts": [{"command": part["command"], "header": part["header"]} for part in parts], "runs": runs}
-    if out_path:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        out_path.write_text(json.dumps(out, indent=2))
+    write_json(out_path, out)
     return out
 
 

@@ -17,7 +17,6 @@ waiting) is reported on its own: it is what a small layer pays per training step
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -28,6 +27,8 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from lightning_approx.runs import write_json
 
 # A case builds its tensors and returns (kernel call, reference call, floor bytes, a tensor to describe).
 Case = Callable[[], tuple[Callable[[], object], Callable[[], object], int, Tensor]]
@@ -261,9 +262,7 @@ def main(argv: list[str] | None = None) -> dict:
     require_gpu("benchmarks/kernels.py")
     result = run(args)
     print(table(result))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
+    write_json(args.json, result)
     return result
 
 

@@ -17,7 +17,6 @@ accuracies, how often the predictions differ, and that standard deviation.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from datetime import date
@@ -28,6 +27,7 @@ from torch import Tensor
 
 from lightning_approx.classifier import ImageClassifier
 from lightning_approx.data.cifar10 import CIFAR10DataModule
+from lightning_approx.runs import write_json
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / "examples" / "data" / "cifar10-subset"
 
@@ -82,9 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{r['right_only_a']:.1f} / {r['right_only_b']:.1f} | {r['delta_sd_from_test_set']:.2f} |")
     result = {"benchmark": "prediction_agreement", "date": date.today().isoformat(), "torch": torch.__version__,
               "command": " ".join(["python", *sys.argv]), "pairs": pairs}
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
+    write_json(args.json, result)
     return result
 
 

@@ -57,6 +57,7 @@ from torch import nn
 from lightning_approx import approximate
 from lightning_approx.methods import parse_spec
 from lightning_approx.models import build_model
+from lightning_approx.runs import write_json
 from lightning_approx.surgery import patched_sites
 
 DEFAULT_VARIANTS = ["crs:sample_ratio=0.5", "crs:sample_ratio=0.25"]
@@ -397,9 +398,7 @@ def main(argv: list[str] | None = None) -> dict:
         for variant in args.layers_of if args.layers_of is not None else args.variants[:1]:
             print(f"\nPer layer, {variant} (median of {args.layer_steps} hook-timed rounds, ms):")
             print(layer_table(result, variant))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
+    write_json(args.json, result)
     return result
 
 

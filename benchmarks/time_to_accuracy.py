@@ -42,6 +42,7 @@ import cifar10
 
 from lightning_approx import cli
 from lightning_approx.errors import ConfigError
+from lightning_approx.runs import write_json
 from lightning_approx.summary import RunResult
 
 # Every run of a --configs comparison: quiet, nothing written, validation after every epoch
@@ -271,9 +272,7 @@ def main(argv: list[str] | None = None) -> dict:
            "runs": {k: [r.to_dict() for r in v] for k, v in results.items()},
            # glibc's allocator settings change the step time (docs/benchmarks.md): keep them with the result
            "malloc_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")}}
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=2))
+    write_json(args.json, out)
     if args.plot:
         plot(results, args.plot, header)
     return out

@@ -25,7 +25,7 @@ from lightning_approx.strategies import ApproxDDPStrategy
 from lightning_approx.summary import RunResult, RunSummary, format_table
 
 __all__ = ["APPROXIMATIONS", "MODES", "add_run_arguments", "approx_callbacks", "count_or_fraction", "example_trainer",
-           "fit_and_test", "make_exact", "run_modes", "run_name", "without_approximations"]
+           "fit_and_test", "make_exact", "run_modes", "run_name", "without_approximations", "write_json"]
 
 # The callbacks that make a run approximate; an exact run is the same run without them.
 APPROXIMATIONS = (ApproxBackward, KernelRescaling)
@@ -91,6 +91,16 @@ def fit_and_test(trainer: pl.Trainer, model: pl.LightningModule, datamodule: pl.
 
 
 # --- the example scripts' shared flags and loop ------------------------------------------------
+
+
+def write_json(path: str | Path | None, record: Any) -> None:
+    """Writes ``record`` to ``path`` as indented JSON, making its folder; does nothing when ``path``
+    is ``None`` (the scripts' optional ``--json``). Values JSON cannot hold are written as text."""
+    if path is None:
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2, default=str) + "\n")
 
 
 def count_or_fraction(text: str) -> int | float:
@@ -166,6 +176,5 @@ def run_modes(args: argparse.Namespace, build: Callable[[], tuple[pl.LightningMo
         print(f"finished {name}" + ("" if acc is None else f": test acc {100 * acc:.2f}%"), file=sys.stderr)
     print(f"\n{title}")
     print(format_table(results, baseline="exact" if args.mode == "compare" else None))
-    if args.json:
-        args.json.write_text(json.dumps([r.to_dict() for r in results], indent=2))
+    write_json(args.json, [r.to_dict() for r in results])
     return results

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import shutil
+from pathlib import Path
 
 import pytest
 
+from lightning_approx.runs import write_json
 from tests.examples.conftest import load_example
 
 LAYOUT = "expected <data_dir>/train/<class>/*.JPEG and <data_dir>/val/<class>/*.JPEG"
@@ -75,3 +78,10 @@ def test_imagenet_bad_folder_gives_one_clear_message(imagenet, jpeg_folder, tmp_
         assert LAYOUT in err
     if problem == "no_val":
         assert "has no val/ folder" in err
+
+
+def test_write_json_makes_the_folder_and_skips_without_a_path(tmp_path):
+    path = tmp_path / "new" / "out.json"
+    write_json(path, {"path": Path("a"), "x": [1.5]})  # a Path is written as its text
+    assert json.loads(path.read_text()) == {"path": "a", "x": [1.5]}
+    write_json(None, {"x": 1})  # no --json: nothing written, no error
