@@ -93,9 +93,13 @@ def test_merge_keeps_each_files_ratios_to_its_own_exact_runs(tta, tmp_path, caps
     assert list(rows) == ["exact", "crs", "grad_prune"]
     assert rows["crs"]["train_ratio"] == pytest.approx(0.9) and rows["crs"]["acc_delta"] == pytest.approx(-2.5)
     assert rows["crs"]["meets"] is False  # faster, but 2.5 points below exact
+    # Per seed crs is 0 and 5 points below exact: the paired standard error of the mean is 2.5.
+    assert rows["crs"]["acc_delta_se"] == pytest.approx(2.5) and rows["exact"]["acc_delta_se"] is None
     assert rows["grad_prune"]["train_ratio"] == pytest.approx(1.5) and rows["grad_prune"]["meets"] is False
     assert rows["exact"]["train_s"] == pytest.approx(10.0)
-    assert "b.json: exact test acc 50.00, 60.00 %, training 20.0 s" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "b.json: exact test acc 50.00, 60.00 %, training 20.0 s" in printed
+    assert "| -2.50 (2.50) |" in printed
     assert (tmp_path / "merged.png").stat().st_size > 0
 
 
