@@ -139,14 +139,16 @@ def summarise(results: dict[str, list[RunResult]], tolerance: float = 1.0) -> li
     for name, runs in results.items():
         accs = [100 * r.test_acc for r in runs]
         delta = statistics.mean(accs) - base_acc
-        paired = [a - 100 * e.test_acc for a, e in zip(accs, exact, strict=False)]
-        se = statistics.stdev(paired) / math.sqrt(len(paired)) if len(runs) == len(exact) > 1 else None
+        se = None
+        if name != "exact" and len(runs) == len(exact) > 1:
+            paired = [a - 100 * e.test_acc for a, e in zip(accs, exact, strict=True)]
+            se = statistics.stdev(paired) / math.sqrt(len(paired))
         train = statistics.mean(map(train_s, runs))
         train_ratio = train / base_train
         rows.append({
             "run": name, "seeds": len(runs),
             "acc_mean": statistics.mean(accs), "acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-            "acc_delta": delta, "acc_delta_se": None if name == "exact" else se,
+            "acc_delta": delta, "acc_delta_se": se,
             "train_s": train, "train_ratio": train_ratio,
             "wall_ratio": statistics.mean(r.wall_clock_s for r in runs) / base_wall,
             "step_ratio": statistics.mean(r.step_time_s for r in runs) / base_step,
