@@ -11,7 +11,7 @@ from torch import nn
 
 from lightning_approx import ConfigError, approximate
 from lightning_approx.methods import GradPrune, Pipeline
-from lightning_approx.ops.prune import prune_threshold, stochastic_prune
+from lightning_approx.ops.prune import _float32_at_least, _keep_where_uniform_below, prune_threshold, stochastic_prune
 from lightning_approx.surgery import patched_sites, restore
 from tests.statistics import assert_unbiased
 
@@ -88,6 +88,50 @@ def test_shape_dtype_and_count(dtype):
     out, nnz = stochastic_prune(g, 0.9, torch.Generator().manual_seed(0))
     assert out.shape == g.shape and out.dtype == dtype
     assert nnz == int(torch.count_nonzero(out)) < g.numel()
+
+
+def test_output_keeps_the_memory_layout_and_handles_strided_input():
+    g = torch.randn(4, 6, 5, 7).contiguous(memory_format=torch.channels_last)
+    out, nnz = stochastic_prune(g, 0.8, torch.Generator().manual_seed(0))
+    assert out.is_contiguous(memory_format=torch.channels_last) and nnz == int(torch.count_nonzero(out))
+    strided = torch.randn(4, 12, 5, 7)[:, ::2]  # not dense: every other channel
+    out, nnz = stochastic_prune(strided, 0.8, torch.Generator().manual_seed(0))
+    assert out.shape == strided.shape and nnz == int(torch.count_nonzero(out))
+    tau = float(prune_threshold(strided, 0.8))
+    big = strided.abs() >= tau
+    assert torch.equal(out[big], strided[big])
+
+
+def test_keep_decisions_have_the_law_of_a_continuous_uniform():
+    """P(keep) = scaled / 65536, below one digit (ties only) and in each of the 4 digits of a draw."""
+    gen = torch.Generator().manual_seed(4)
+    for value, n in [(0.5, 2**23), (1.5, 2**23), (100.25, 2**20), (65535.5, 2**20)]:
+        keep, kept = _keep_where_uniform_below(torch.full((n,), value), gen)
+        assert kept == int(keep.sum())
+        p = value / 65536
+        sd = math.sqrt(n * p * (1 - p))
+        # 16 bits alone would keep 0 (0.5) or 1/65536 (1.5) of the entries: 64 and 128 below the mean.
+        assert abs(kept - n * p) <= 5 * sd + 1, (value, kept, n * p, sd)
+    keep, _ = _keep_where_uniform_below(torch.full((2**20,), 32768.0), gen)
+    per_digit = keep.view(-1, 4).mean(0)  # each 64-bit draw gives 4 digits, in this order
+    assert torch.all((per_digit - 0.5).abs() <= 5 * 0.5 / 2**9), per_digit  # sd 0.5 / sqrt(2**18)
+
+
+@pytest.mark.parametrize("x", [65536 / 0.3, 65536 / 1.7, 3.0, 1e-3])
+def test_digit_scale_rounds_up_so_entries_at_tau_are_always_kept(x):
+    y = _float32_at_least(x)
+    below = torch.nextafter(torch.tensor(y, dtype=torch.float32), torch.tensor(0.0)).item()
+    assert torch.tensor(y, dtype=torch.float32).item() == y and below < x <= y
+
+
+def test_padding_and_ties_across_blocks_count_exactly():
+    g = torch.randn(3 * 1024 + 17, generator=torch.Generator().manual_seed(6))
+    out, nnz = stochastic_prune(g, 0.9, torch.Generator().manual_seed(1))
+    assert out.shape == g.shape and nnz == int(torch.count_nonzero(out))
+    zeros = torch.zeros(2000)
+    zeros[7] = 1.0
+    out, nnz = stochastic_prune(zeros, 0.5, torch.Generator().manual_seed(1))
+    assert nnz == 1 and torch.equal(out, zeros)  # zeros are never kept, the one large entry always
 
 
 def _grads(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> list[torch.Tensor]:
