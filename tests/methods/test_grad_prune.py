@@ -105,12 +105,12 @@ def test_output_keeps_the_memory_layout_and_handles_strided_input():
 def test_keep_decisions_have_the_law_of_a_continuous_uniform():
     """P(keep) = scaled / 65536, below one digit (ties only) and in each of the 4 digits of a draw."""
     gen = torch.Generator().manual_seed(4)
-    for value, n in [(0.5, 2**23), (1.5, 2**23), (100.25, 2**20), (65535.5, 2**20)]:
+    for value, n in [(0.5, 2**23), (1.5, 2**24), (100.25, 2**20), (65535.5, 2**20)]:
         keep, kept = _keep_where_uniform_below(torch.full((n,), value), gen)
         assert kept == int(keep.sum())
         p = value / 65536
         sd = math.sqrt(n * p * (1 - p))
-        # 16 bits alone would keep 0 (0.5) or 1/65536 (1.5) of the entries: 64 and 128 below the mean.
+        # 16 bits alone would keep 0 (0.5) or 1/65536 (1.5) of the entries: 8 and 6.5 sd below the mean.
         assert abs(kept - n * p) <= 5 * sd + 1, (value, kept, n * p, sd)
     keep, _ = _keep_where_uniform_below(torch.full((2**20,), 32768.0), gen)
     per_digit = keep.view(-1, 4).mean(0)  # each 64-bit draw gives 4 digits, in this order
