@@ -11,7 +11,6 @@ class back.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +21,7 @@ from lightning_approx.methods.pipeline import Pipeline
 from lightning_approx.ops.accounting import WorkCounter
 from lightning_approx.ops.conv import ConvGeometry
 from lightning_approx.ops.layout import is_channels_last
+from lightning_approx.ops.mask import LiveSlices
 from lightning_approx.ops.sampling import draw_rows
 
 
@@ -76,18 +76,18 @@ class LayerSite:
 
 
 def _apply(function: type[torch.autograd.Function], x: Tensor, weight: Tensor, bias: Tensor | None,
-           site: LayerSite, mask_context: Any) -> Tensor:
+           site: LayerSite, live: LiveSlices | None) -> Tensor:
     """``function.apply`` on the operands autocast would give conv2d / linear (both run in its
     lower precision), with autocast off inside: a custom autograd Function is not autocast, so
     its backward would otherwise meet a low-precision ``x`` next to a float32 weight. Without
     autocast it is a plain call (entering a disabled autocast region costs time every step)."""
     device = x.device.type
     if not torch.is_autocast_enabled(device):
-        return function.apply(x, weight, bias, site, mask_context)
+        return function.apply(x, weight, bias, site, live)
     dtype = torch.get_autocast_dtype(device)
     with torch.autocast(device, enabled=False):
         return function.apply(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype), site,
-                              mask_context)
+                              live)
 
 
 def _like(dy: Tensor, x: Tensor) -> Tensor:
@@ -98,13 +98,13 @@ def _like(dy: Tensor, x: Tensor) -> Tensor:
 
 
 class _Conv2dFunction(torch.autograd.Function):
-    # ``mask_context``: what the pipeline's input_mask method learnt about x at forward time
-    # (``Pipeline.input_context``), e.g. whether x is a ReLU output; ``None`` without one.
+    # ``live``: the live slices of x the pipeline's input_mask method found in the forward
+    # (``Pipeline.conv2d_live``); ``None`` without one, or where x's zeros mean nothing.
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, site: LayerSite,
-                mask_context: Any = None) -> Tensor:
+                live: LiveSlices | None = None) -> Tensor:
         ctx.site = site
-        ctx.mask_context = mask_context
+        ctx.live = live
         ctx.save_for_backward(x, weight)
         return site.geometry.forward(x, weight, bias)
 
@@ -113,17 +113,16 @@ class _Conv2dFunction(torch.autograd.Function):
     def backward(ctx, dy: Tensor):
         x, weight = ctx.saved_tensors
         site = ctx.site
-        grads = site.pipeline.conv2d_backward(site, x, weight, _like(dy, x), ctx.needs_input_grad[:3],
-                                              ctx.mask_context)
+        grads = site.pipeline.conv2d_backward(site, x, weight, _like(dy, x), ctx.needs_input_grad[:3], ctx.live)
         return (*grads, None, None)
 
 
 class _LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, site: LayerSite,
-                mask_context: Any = None) -> Tensor:
+                live: LiveSlices | None = None) -> Tensor:
         ctx.site = site
-        ctx.mask_context = mask_context
+        ctx.live = live
         ctx.save_for_backward(x, weight)
         return F.linear(x, weight, bias)
 
@@ -133,15 +132,16 @@ class _LinearFunction(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         x2 = x.reshape(-1, x.shape[-1])
         dy2 = dy.reshape(-1, dy.shape[-1])
-        gx, gw, gb = ctx.site.pipeline.linear_backward(ctx.site, x2, weight, dy2, ctx.needs_input_grad[:3],
-                                                       ctx.mask_context)
+        gx, gw, gb = ctx.site.pipeline.linear_backward(ctx.site, x2, weight, dy2, ctx.needs_input_grad[:3], ctx.live)
         return (gx.view(x.shape) if gx is not None else None), gw, gb, None, None
 
 
-def _count_exact(site: LayerSite, macs: int, x: Tensor, weight: Tensor) -> None:
-    # The plain layer runs the exact backward: count it as computed in full.
+def _count_exact(site: LayerSite, macs: int, x: Tensor, weight: Tensor, live: LiveSlices | None = None) -> None:
+    # The plain layer runs the exact backward: count it as computed in full, and the share of
+    # its MACs that multiply a ReLU input's zeros as zero (as the pipeline's backward does).
     parts = int(x.requires_grad) + int(weight.requires_grad)
-    site.work.add(exact=macs * parts, computed=macs * parts)
+    zero = 0 if live is None else round(macs * live.zero_fraction)
+    site.work.add(exact=macs * parts, computed=macs * parts, zero=zero * parts)
 
 
 class ApproxConv2d(nn.Conv2d):
@@ -162,13 +162,17 @@ class ApproxConv2d(nn.Conv2d):
             y = super().forward(x)
             _count_exact(site, site.geometry.macs(x.shape, self.weight, y.shape), x, self.weight)
             return y
-        # Read before prepare_input: its explicit padding would hide where x came from. The
-        # padding keeps the zero pattern (zeros or copies of x), so the context stays valid.
-        mask_context = pipeline.input_context(site, x)
+        # Found before prepare_input: its explicit padding would hide where x came from. The
+        # padding keeps the zero pattern (zeros or copies of x), so the slices stay valid.
+        live = pipeline.conv2d_live(site, x)
+        if pipeline.runs_plain(site, live):
+            y = super().forward(x)
+            _count_exact(site, site.geometry.macs(x.shape, self.weight, y.shape), x, self.weight, live)
+            return y
         x = site.geometry.prepare_input(x)
         if pipeline.forward_method is not None:
             return pipeline.forward_method.conv2d_forward(site, x, self.weight, self.bias)
-        return _apply(_Conv2dFunction, x, self.weight, self.bias, site, mask_context)
+        return _apply(_Conv2dFunction, x, self.weight, self.bias, site, live)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, approx={self.approx_site.pipeline!r}"
@@ -189,8 +193,11 @@ class ApproxLinear(nn.Linear):
             return super().forward(x)
         if pipeline.forward_method is not None:
             return pipeline.forward_method.linear_forward(site, x, self.weight, self.bias)
-        mask_context = pipeline.input_context(site, x)
-        return _apply(_LinearFunction, x, self.weight, self.bias, site, mask_context)
+        live = pipeline.linear_live(site, x)
+        if pipeline.runs_plain(site, live):
+            _count_exact(site, x.numel() // x.shape[-1] * self.weight.numel(), x, self.weight, live)
+            return super().forward(x)
+        return _apply(_LinearFunction, x, self.weight, self.bias, site, live)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, approx={self.approx_site.pipeline!r}"

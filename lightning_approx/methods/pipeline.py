@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from torch import Tensor
 
@@ -95,28 +95,44 @@ class Pipeline:
     # --- backward ------------------------------------------------------------------------
     # Stage order: the grad_output transform (e.g. grad_prune) first, so the bias gradient and
     # both products see the transformed dy; then the input mask (relu_mask) restricts x, W and
-    # dy to the live slices; then the grad_input / grad_weight estimators (exact where no method
+    # dy to the live slices it found in the forward; then the grad_input / grad_weight estimators (exact where no method
     # claims them) run on the restricted tensors, and the mask scatters their results back.
-    def input_context(self, site: LayerSite, x: Tensor) -> Any:
-        """What the ``input_mask`` method needs to know about ``x`` at forward time (whether it
-        is a ReLU output: ``x.grad_fn`` says so only there); ``None`` without such a method."""
+    def conv2d_live(self, site: LayerSite, x: Tensor) -> LiveSlices | None:
+        """The live slices of a conv input ``x`` by the ``input_mask`` method, found in the
+        layer's forward: ``x.grad_fn`` tells only there whether ``x`` is a ReLU output, and ``x``
+        was just written, so the pass over it reads from cache. ``None`` without such a method
+        or when ``x``'s zeros mean nothing."""
         masker = self.by_stage.get(INPUT_MASK)
-        return None if masker is None else masker.input_context(site, x)
+        return None if masker is None else masker.conv2d_live(site, x)
+
+    def linear_live(self, site: LayerSite, x: Tensor) -> LiveSlices | None:
+        """As :meth:`conv2d_live` for a Linear input ``(..., in)``; the slices index the rows of
+        its ``(N, in)`` view."""
+        masker = self.by_stage.get(INPUT_MASK)
+        return None if masker is None else masker.linear_live(site, x)
+
+    def runs_plain(self, site: LayerSite, live: LiveSlices | None) -> bool:
+        """Whether the plain layer's own backward is this pipeline's backward for this forward:
+        the input mask is the only method and it found nothing to skip, and no fidelity probe
+        is due. The layer then runs the plain op, which skips the custom op's overhead."""
+        return (set(self.by_stage) == {INPUT_MASK} and not site.probe
+                and (live is None or not live.restricts))
 
     def conv2d_backward(self, site: LayerSite, x: Tensor, weight: Tensor, dy: Tensor,
-                        needs: tuple[bool, bool, bool], mask_context: Any = None
+                        needs: tuple[bool, bool, bool], live: LiveSlices | None = None
                         ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-        """The three gradients of a conv; ``mask_context`` comes from :meth:`input_context`."""
-        return self._backward(_CONV2D, site, x, weight, dy, needs, mask_context)
+        """The three gradients of a conv; ``live`` comes from :meth:`conv2d_live`."""
+        return self._backward(_CONV2D, site, x, weight, dy, needs, live)
 
     def linear_backward(self, site: LayerSite, x: Tensor, weight: Tensor, dy: Tensor,
-                        needs: tuple[bool, bool, bool], mask_context: Any = None
+                        needs: tuple[bool, bool, bool], live: LiveSlices | None = None
                         ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-        """``x``: (N, in) and ``dy``: (N, out), leading dimensions already flattened."""
-        return self._backward(_LINEAR, site, x, weight, dy, needs, mask_context)
+        """``x``: (N, in) and ``dy``: (N, out), leading dimensions already flattened; ``live``
+        comes from :meth:`linear_live`."""
+        return self._backward(_LINEAR, site, x, weight, dy, needs, live)
 
     def _backward(self, op: _Op, site: LayerSite, x: Tensor, weight: Tensor, dy: Tensor,
-                  needs: tuple[bool, bool, bool], mask_context: Any
+                  needs: tuple[bool, bool, bool], live: LiveSlices | None
                   ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         need_x, need_w, need_b = needs
         macs = op.macs(site, x, weight, dy)
@@ -127,11 +143,7 @@ class Pipeline:
             dy = getattr(pruner, f"{op.name}_grad_output")(site, dy)
             pruned_zeros = getattr(pruner, "last_zero_fraction", 0.0)
         grad_b = dy.sum(op.bias_dims) if need_b else None  # cheap: always exact
-        masker = self.by_stage.get(INPUT_MASK)
         parts = need_x + need_w
-        live = None
-        if masker is not None and parts:
-            live = getattr(masker, f"{op.name}_live")(site, x, weight, mask_context)
 
         def products(x: Tensor, weight: Tensor, dy: Tensor) -> tuple[Tensor | None, Tensor | None, int]:
             return self._products(op, site, x, weight, dy, need_x, need_w)

@@ -19,7 +19,7 @@ restricted tensors. So it composes with any backward method: ``relu_mask + crs``
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from torch import Tensor
 
@@ -34,11 +34,11 @@ if TYPE_CHECKING:
 
 @dataclass
 class MaskStats:
-    """Zero statistics of one layer's inputs, summed over the backward calls since the last
-    :meth:`ReluMask.reset_stats`.
+    """Zero statistics of one layer's inputs, summed over its training forwards (each found
+    when the forward ran) since the last :meth:`ReluMask.reset_stats`.
 
     Attributes:
-        calls: Backward calls counted.
+        calls: Training forwards counted.
         elements: Input entries seen.
         zero_elements: Of those, entries equal to zero (their backward work is zero).
         planes: (sample, channel) planes seen (for Linear: single entries).
@@ -126,27 +126,28 @@ class ReluMask(Method):
 
     # Why is_exact stays False (the base class's answer for a method without hyperparameters):
     # the pipeline reads is_exact as "the plain layer may run instead", which would skip nothing.
+    # Where nothing can be skipped the layer does run the plain op (Pipeline.runs_plain).
 
-    def input_context(self, site: LayerSite, x: Tensor) -> Any:
-        """Called by the layer at forward time, where ``x.grad_fn`` still tells where ``x``
-        came from; the result reaches :meth:`conv2d_live` / :meth:`linear_live` in backward."""
-        return is_relu_output(x)
+    def conv2d_live(self, site: LayerSite, x: Tensor) -> LiveSlices | None:
+        """The live slices of a conv input, recorded in :attr:`stats`; ``None`` when its zeros
+        mean nothing (not a ReLU output).
 
-    def conv2d_live(self, site: LayerSite, x: Tensor, weight: Tensor, context: Any) -> LiveSlices | None:
-        """The live slices of a conv input, or ``None`` when its zeros mean nothing (not a
-        ReLU output)."""
-        if not context:
+        Called in the layer's forward, where ``x.grad_fn`` still tells where ``x`` came from and
+        ``x``, just written by the ReLU, is still in cache: the same pass in the backward read it
+        back from memory (docs/methods/relu_mask.md, "Cost on dense kernels").
+        """
+        if not is_relu_output(x):
             return None
         # Grouped convs: a gathered channel subset no longer splits into equal groups.
-        live = kops.find_live(x, restrict=site.geometry.groups == 1)
+        live = kops.find_live(x.detach(), restrict=site.geometry.groups == 1)  # a count: nothing to record for autograd
         self._record(site, live)
         return live
 
-    def linear_live(self, site: LayerSite, x: Tensor, weight: Tensor, context: Any) -> LiveSlices | None:
-        """As :meth:`conv2d_live` for a Linear input ``(N, in)``: dead features are input
-        columns zero across the batch, dead samples all-zero rows."""
-        if not context:
+    def linear_live(self, site: LayerSite, x: Tensor) -> LiveSlices | None:
+        """As :meth:`conv2d_live` for a Linear input ``(..., in)``, over its ``(N, in)`` rows:
+        dead features are input columns zero in every row, dead samples all-zero rows."""
+        if not is_relu_output(x):
             return None
-        live = kops.find_live(x)
+        live = kops.find_live(x.detach().reshape(-1, x.shape[-1]))
         self._record(site, live)
         return live

@@ -71,7 +71,7 @@ def test_conv_equals_dense_and_skips_dead_slices(cfg):
     kept = (n - 1) * (c - len(DEAD_CHANNELS)) / (n * c)  # one sample, two channels dead
     assert site.work.exact > 0
     assert site.work.computed == pytest.approx(site.work.exact * kept, rel=1e-12)
-    zero_fraction = float((site.geometry.prepare_input(x) == 0).double().mean())
+    zero_fraction = float((x == 0).double().mean())  # of the layer input, before any explicit padding
     assert site.work.zero == 2 * round(site.work.exact / 2 * zero_fraction)
     assert 0 < site.work.zero < site.work.exact
 
@@ -221,6 +221,49 @@ def test_plane_nonzeros_matches_count_nonzero(layout):
         x[1, 2, 0, 0] = 1e-6  # a half denormal
         x = x.half()
     assert torch.equal(plane_nonzeros(x), expected)
+
+
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+def test_nothing_dead_runs_the_plain_op(kind):
+    """Where nothing can be skipped the layer runs the plain op (autograd's own backward, no
+    custom Function); the slices are still found in the forward, recorded and counted."""
+    torch.manual_seed(0)
+    if kind == "conv":
+        layer, z = nn.Conv2d(6, 5, 3, padding=1).double(), torch.randn(4, 6, 5, 5, dtype=torch.float64)
+        plain = "ConvolutionBackward0"
+    else:
+        layer, z = nn.Linear(6, 4).double(), torch.randn(8, 6, dtype=torch.float64)
+        plain = "AddmmBackward0"
+    x = torch.relu(z)
+    assert not find_live(x).restricts  # no channel, feature or sample dead
+    dy = torch.randn_like(layer(x).detach())
+    dense = _grads(layer, z, dy)
+    approximate(layer, "relu_mask", exclude=None)
+    site, method = patched_sites(layer)[0], patched_sites(layer)[0].pipeline.methods[0]
+    assert type(layer(torch.relu(z.clone().requires_grad_(True))).grad_fn).__name__ == plain
+    assert method.stats[site.name].calls == 1  # counted in the forward, before any backward
+    site.work.reset()
+    masked = _grads(layer, z, dy)
+    for d, m in zip(dense, masked, strict=True):
+        torch.testing.assert_close(m, d, rtol=1e-12, atol=1e-12)
+    assert site.work.computed == site.work.exact > 0
+    assert site.work.zero == 2 * round(site.work.exact / 2 * float((x == 0).double().mean()))
+    assert method.stats[site.name].calls == 2
+
+
+def test_probe_and_other_methods_run_the_pipeline():
+    """A fidelity probe needs the pipeline's backward (it compares it with the exact one), and
+    with another method the mask restricts that method's products: no plain op then."""
+    layer = nn.Conv2d(6, 5, 3, padding=1).double()
+    x = torch.relu(torch.randn(4, 6, 5, 5, dtype=torch.float64)).requires_grad_(True)
+    approximate(layer, "relu_mask", exclude=None)
+    site = patched_sites(layer)[0]
+    site.probe = True
+    layer(x).sum().backward()
+    assert site.fidelity["weight.cos"] == pytest.approx(1.0) and not site.probe
+    restore(layer)
+    approximate(layer, Pipeline([ReluMask(), CRS(1.0)]), exclude=None)
+    assert type(layer(x).grad_fn).__name__ == "_Conv2dFunctionBackward"
 
 
 def test_eval_and_restore_are_exact():
