@@ -99,8 +99,8 @@ class Pipeline:
     # claims them) run on the restricted tensors, and the mask scatters their results back.
     def conv2d_live(self, site: LayerSite, x: Tensor) -> LiveSlices | None:
         """The live slices of a conv input ``x`` by the ``input_mask`` method, found in the
-        layer's forward: ``x.grad_fn`` tells only there whether ``x`` is a ReLU output, and ``x``
-        was just written, so the pass over it reads from cache. ``None`` without such a method
+        layer's forward: ``x.grad_fn`` tells only there whether ``x`` is a ReLU output, and the
+        layer can still choose the plain op (:meth:`runs_plain`). ``None`` without such a method
         or when ``x``'s zeros mean nothing."""
         masker = self.by_stage.get(INPUT_MASK)
         return None if masker is None else masker.conv2d_live(site, x)

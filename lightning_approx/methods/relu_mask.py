@@ -132,9 +132,9 @@ class ReluMask(Method):
         """The live slices of a conv input, recorded in :attr:`stats`; ``None`` when its zeros
         mean nothing (not a ReLU output).
 
-        Called in the layer's forward, where ``x.grad_fn`` still tells where ``x`` came from and
-        ``x``, just written by the ReLU, is still in cache: the same pass in the backward read it
-        back from memory (docs/methods/relu_mask.md, "Cost on dense kernels").
+        Called in the layer's forward, where ``x.grad_fn`` still tells where ``x`` came from, and
+        early enough for the layer to run the plain op when nothing can be skipped
+        (:meth:`~lightning_approx.methods.pipeline.Pipeline.runs_plain`).
         """
         if not is_relu_output(x):
             return None
