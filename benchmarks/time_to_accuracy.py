@@ -43,7 +43,7 @@ import cifar10
 
 from lightning_approx import cli
 from lightning_approx.errors import ConfigError
-from lightning_approx.runs import write_json
+from lightning_approx.runs import config_label, write_json
 from lightning_approx.summary import RunResult
 
 # Every run of a --configs comparison: quiet, nothing written, validation after every epoch
@@ -51,12 +51,6 @@ from lightning_approx.summary import RunResult
 QUIET = ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
          "--trainer.enable_checkpointing", "false", "--trainer.enable_model_summary", "false",
          "--trainer.check_val_every_n_epoch", "1"]
-
-
-def config_label(path: Path) -> str:
-    """``examples/configs/cifar10_resnet20_crs.yaml`` -> ``crs`` (what the config's model and data share)."""
-    parts = path.stem.split("_")
-    return "_".join(parts[2:]) if len(parts) > 2 else path.stem
 
 
 def check_configs(configs: list[Path]) -> None:

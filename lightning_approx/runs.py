@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.cli import instantiate_class
 from lightning.pytorch.utilities.model_helpers import is_overridden
+from omegaconf import OmegaConf
 
 from lightning_approx.callbacks import ApproxBackward, KernelRescaling
 from lightning_approx.errors import ConfigError
@@ -24,8 +26,9 @@ from lightning_approx.methods import parse_spec, spec_label
 from lightning_approx.strategies import ApproxDDPStrategy
 from lightning_approx.summary import RunResult, RunSummary, format_table
 
-__all__ = ["APPROXIMATIONS", "MODES", "add_run_arguments", "approx_callbacks", "count_or_fraction", "example_trainer",
-           "fit_and_test", "make_exact", "run_modes", "run_name", "without_approximations", "write_json"]
+__all__ = ["APPROXIMATIONS", "MODES", "add_run_arguments", "approx_callbacks", "config_label", "count_or_fraction",
+           "example_trainer", "fit_and_test", "make_exact", "recipe_callbacks", "run_modes", "run_name",
+           "without_approximations", "write_json"]
 
 # The callbacks that make a run approximate; an exact run is the same run without them.
 APPROXIMATIONS = (ApproxBackward, KernelRescaling)
@@ -115,7 +118,8 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, epochs: int, batch_siz
     parser.add_argument("mode", nargs="?", default="compare", choices=MODES,
                         help="compare: exact then approximate with the same seed (default)")
     parser.add_argument("--method", default=method,
-                        help="method[:key=value,...], several joined by '+' (see lightning_approx.METHODS)")
+                        help="method[:key=value,...], several joined by '+' (see lightning_approx.METHODS), or a "
+                             "config of examples/configs/ (.yaml): its ApproxBackward / KernelRescaling callbacks")
     parser.add_argument("--epochs", type=int, default=epochs)
     parser.add_argument("--batch-size", type=int, default=batch_size)
     parser.add_argument("--lr", type=float, default=lr)
@@ -130,12 +134,48 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, epochs: int, batch_siz
 
 
 def approx_callbacks(method: str | None, seed: int) -> tuple[list[pl.Callback], str]:
-    """The callbacks of one run and its label: none and ``"exact"`` for ``None``, else an
+    """The callbacks of one run and its label: none and ``"exact"`` for ``None``; a recipe's
+    (:func:`recipe_callbacks`) for a path ending in ``.yaml`` / ``.yml``; else an
     :class:`~lightning_approx.ApproxBackward` built from the short spec (``"crs:sample_ratio=0.5"``)."""
     if method is None:
         return [], "exact"
+    if method.endswith((".yaml", ".yml")):
+        return recipe_callbacks(Path(method), seed), config_label(Path(method))
     configs = parse_spec(method)
     return [ApproxBackward(configs, seed=seed)], spec_label(configs)
+
+
+def config_label(path: Path) -> str:
+    """``examples/configs/cifar10_resnet20_crs.yaml`` -> ``crs`` (what the config's model and data share)."""
+    parts = path.stem.split("_")
+    return "_".join(parts[2:]) if len(parts) > 2 else path.stem
+
+
+def recipe_callbacks(path: Path, seed: int) -> list[pl.Callback]:
+    """The :data:`APPROXIMATIONS` callbacks of a LightningCLI config (``trainer.callbacks``),
+    built as the CLI builds them. An ``ApproxBackward`` without a ``seed`` of its own gets ``seed``.
+    The rest of the config (model, data, trainer) is not read: the example's flags set those.
+
+    Raises:
+        ConfigError: The file is missing, or lists no approximation callback.
+    """
+    if not path.is_file():
+        raise ConfigError("--method", str(path), "no such config file",
+                          "give a LightningCLI config such as examples/configs/cifar10_resnet20_crs.yaml, "
+                          "or a short spec such as crs:sample_ratio=0.5")
+    entries = OmegaConf.to_container(OmegaConf.load(path)).get("trainer", {}).get("callbacks") or []
+    names = {f"lightning_approx.{cls.__name__}" for cls in APPROXIMATIONS}
+    callbacks = []
+    for entry in entries:
+        if isinstance(entry, dict) and entry.get("class_path") in names:
+            init = dict(entry.get("init_args") or {})
+            if entry["class_path"].endswith("ApproxBackward"):
+                init.setdefault("seed", seed)
+            callbacks.append(instantiate_class((), {"class_path": entry["class_path"], "init_args": init}))
+    if not callbacks:
+        raise ConfigError("--method", str(path), f"lists none of {sorted(names)} under trainer.callbacks",
+                          "give a config of examples/configs/ other than the exact one, or a short spec")
+    return callbacks
 
 
 def example_trainer(args: argparse.Namespace, callbacks: Sequence[pl.Callback], **kwargs: Any) -> pl.Trainer:

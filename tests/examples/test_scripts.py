@@ -7,10 +7,14 @@ import shutil
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
-from lightning_approx.runs import write_json
+from lightning_approx import KernelRescaling
+from lightning_approx.errors import ConfigError
+from lightning_approx.runs import approx_callbacks, write_json
 from tests.examples.conftest import load_example
 
+CONFIGS = Path(__file__).resolve().parents[2] / "examples" / "configs"
 LAYOUT = "expected <data_dir>/train/<class>/*.JPEG and <data_dir>/val/<class>/*.JPEG"
 
 
@@ -26,7 +30,7 @@ def imagenet():
 
 def test_cifar10_compare(cifar10, capsys):
     results = cifar10.main(["compare", "--epochs", "1", "--limit-train-batches", "2", "--batch-size", "32",
-                             "--limit-eval-batches", "2"])
+                             "--limit-eval-batches", "2", "--method", "crs:sample_ratio=0.5"])
     assert [r.name for r in results] == ["exact", "crs:sample_ratio=0.5"]
     assert results[0].backward_work == 1.0 and 0.2 < results[1].backward_work <= 0.5  # repeated draws run once
     assert all(r.test_acc is not None for r in results)
@@ -36,10 +40,38 @@ def test_cifar10_compare(cifar10, capsys):
 
 def test_cifar10_defaults_are_the_quickstart(cifar10):
     args = cifar10.parse_args([])
-    assert (args.mode, args.model, args.method, args.epochs, args.batch_size) == \
-        ("compare", "resnet20", "crs:sample_ratio=0.5", 8, 128)
+    assert (args.mode, args.model, args.method, args.epochs, args.batch_size, args.lr) == \
+        ("compare", "resnet20", str(cifar10.DEFAULT_RECIPE), 8, 128, 0.05)
     assert args.data_dir == cifar10.DEFAULT_DATA and args.limit_train_batches == 1.0
     assert cifar10.parse_args(["--limit-train-batches", "10"]).limit_train_batches == 10
+    # The recipe's own settings are the example's, so the example runs the recipe as its config does.
+    recipe = OmegaConf.load(cifar10.DEFAULT_RECIPE)
+    assert (recipe.trainer.max_epochs, recipe.model.model, recipe.model.lr, recipe.data.init_args.batch_size) == \
+        (args.epochs, args.model, args.lr, args.batch_size)
+
+
+def test_cifar10_runs_a_recipe_config(cifar10, capsys):
+    """The default: exact for the recipe's first 4 epochs, then crs on a 3x3 pixel grid (a
+    5-epoch run with 2 steps per epoch shows both phases)."""
+    exact, recipe = cifar10.main(["compare", "--epochs", "5", "--limit-train-batches", "2", "--batch-size", "32",
+                                  "--limit-eval-batches", "2"])
+    assert (exact.name, recipe.name) == ("exact", "crs_weight_grid_late")
+    assert exact.backward_work == 1.0 and 0.8 < recipe.backward_work < 1.0  # one epoch of five sampled
+    assert "crs_weight_grid_late" in capsys.readouterr().out
+
+
+def test_recipe_callbacks_are_built_as_the_cli_builds_them(tmp_path):
+    (approx,), label = approx_callbacks(str(CONFIGS / "cifar10_resnet20_crs_weight_grid_late.yaml"), seed=3)
+    assert label == "crs_weight_grid_late" and approx.seed == 3
+    crs = approx.pipeline.methods[0]
+    assert (crs.weight_window, crs.schedule("sample_ratio").values) == ("pixel_grid", [1.0, 0.1111])
+    (rescale,), _ = approx_callbacks(str(CONFIGS / "cifar10_resnet20_kernel_rescaling_24px_3epochs.yaml"), seed=0)
+    assert isinstance(rescale, KernelRescaling)
+    with pytest.raises(ConfigError, match="no such config file") as err:
+        approx_callbacks(str(tmp_path / "missing.yaml"), seed=0)
+    assert err.value.field == "--method"
+    with pytest.raises(ConfigError, match="lists none of"):
+        approx_callbacks(str(CONFIGS / "cifar10_resnet20_exact.yaml"), seed=0)
 
 
 def test_imagenet_on_a_jpeg_folder(imagenet, jpeg_folder, capsys):
