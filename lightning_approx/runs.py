@@ -9,6 +9,7 @@ The pieces the example scripts share live here too (their common flags and their
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -163,18 +164,25 @@ def recipe_callbacks(path: Path, seed: int) -> list[pl.Callback]:
         raise ConfigError("--method", str(path), "no such config file",
                           "give a LightningCLI config such as examples/configs/cifar10_resnet20_crs.yaml, "
                           "or a short spec such as crs:sample_ratio=0.5")
-    entries = OmegaConf.to_container(OmegaConf.load(path)).get("trainer", {}).get("callbacks") or []
-    names = {f"lightning_approx.{cls.__name__}" for cls in APPROXIMATIONS}
+    entries = (OmegaConf.to_container(OmegaConf.load(path)).get("trainer") or {}).get("callbacks") or []
     callbacks = []
-    for entry in entries:
-        if isinstance(entry, dict) and entry.get("class_path") in names:
+    for entry in [entries] if isinstance(entries, dict) else entries:
+        class_path = entry.get("class_path", "") if isinstance(entry, dict) else ""
+        module, _, name = class_path.rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module), name, None) if module else None
+        except ImportError as e:
+            raise ConfigError("--method", str(path), f"names callback {class_path!r}, whose module does not import "
+                              f"({e})", "fix the class_path, or install what it needs") from e
+        if isinstance(cls, type) and issubclass(cls, APPROXIMATIONS):  # other callbacks are the example's
             init = dict(entry.get("init_args") or {})
-            if entry["class_path"].endswith("ApproxBackward"):
+            if issubclass(cls, ApproxBackward):
                 init.setdefault("seed", seed)
-            callbacks.append(instantiate_class((), {"class_path": entry["class_path"], "init_args": init}))
+            callbacks.append(instantiate_class((), {"class_path": class_path, "init_args": init}))
     if not callbacks:
-        raise ConfigError("--method", str(path), f"lists none of {sorted(names)} under trainer.callbacks",
-                          "give a config of examples/configs/ other than the exact one, or a short spec")
+        raise ConfigError("--method", str(path), "lists neither ApproxBackward nor KernelRescaling under "
+                          "trainer.callbacks", "give a config of examples/configs/ other than the exact one, "
+                          "or a short spec such as crs:sample_ratio=0.5")
     return callbacks
 
 

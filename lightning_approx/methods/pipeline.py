@@ -95,8 +95,9 @@ class Pipeline:
     # --- backward ------------------------------------------------------------------------
     # Stage order: the grad_output transform (e.g. grad_prune) first, so the bias gradient and
     # both products see the transformed dy; then the input mask (relu_mask) restricts x, W and
-    # dy to the live slices it found in the forward; then the grad_input / grad_weight estimators (exact where no method
-    # claims them) run on the restricted tensors, and the mask scatters their results back.
+    # dy to the live slices it found in the forward; then the grad_input / grad_weight
+    # estimators (exact where no method claims them) run on the restricted tensors, and the
+    # mask scatters their results back.
     def conv2d_live(self, site: LayerSite, x: Tensor) -> LiveSlices | None:
         """The live slices of a conv input ``x`` by the ``input_mask`` method, found in the
         layer's forward: ``x.grad_fn`` tells only there whether ``x`` is a ReLU output, and the

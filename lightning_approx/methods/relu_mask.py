@@ -138,8 +138,9 @@ class ReluMask(Method):
         """
         if not is_relu_output(x):
             return None
-        # Grouped convs: a gathered channel subset no longer splits into equal groups.
-        live = kops.find_live(x.detach(), restrict=site.geometry.groups == 1)  # a count: nothing to record for autograd
+        # Grouped convs: a gathered channel subset no longer splits into equal groups. Detached:
+        # the count is no part of the graph, and autograd would otherwise record every op of it.
+        live = kops.find_live(x.detach(), restrict=site.geometry.groups == 1)
         self._record(site, live)
         return live
 

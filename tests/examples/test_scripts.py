@@ -70,8 +70,27 @@ def test_recipe_callbacks_are_built_as_the_cli_builds_them(tmp_path):
     with pytest.raises(ConfigError, match="no such config file") as err:
         approx_callbacks(str(tmp_path / "missing.yaml"), seed=0)
     assert err.value.field == "--method"
-    with pytest.raises(ConfigError, match="lists none of"):
+    with pytest.raises(ConfigError, match="lists neither ApproxBackward nor KernelRescaling"):
         approx_callbacks(str(CONFIGS / "cifar10_resnet20_exact.yaml"), seed=0)
+    # A full module path works as in LightningCLI, and other callbacks are left to the example.
+    own = tmp_path / "cifar10_resnet20_mine.yaml"
+    own.write_text("trainer:\n  callbacks:\n"
+                   "    - class_path: lightning.pytorch.callbacks.LearningRateMonitor\n"
+                   "    - class_path: lightning_approx.callbacks.approx_backward.ApproxBackward\n"
+                   "      init_args: {method: topk, seed: 5}\n")
+    (approx,), label = approx_callbacks(str(own), seed=0)
+    assert label == "mine" and approx.pipeline.methods[0].name == "topk" and approx.seed == 5
+    own.write_text("trainer:\n  callbacks:\n    - class_path: no_such_package.Callback\n")
+    with pytest.raises(ConfigError, match=r"'no_such_package\.Callback', whose module does not import"):
+        approx_callbacks(str(own), seed=0)
+
+
+def test_cifar10_bad_recipe_gives_one_clear_message(cifar10, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cifar10.main(["approx", "--method", "examples/configs/no_such_recipe.yaml"])
+    assert exit_.value.code == 2
+    assert "cifar10.py: error: --method='examples/configs/no_such_recipe.yaml': no such config file" in \
+        capsys.readouterr().err
 
 
 def test_imagenet_on_a_jpeg_folder(imagenet, jpeg_folder, capsys):
