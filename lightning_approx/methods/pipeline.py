@@ -114,10 +114,12 @@ class Pipeline:
 
     def runs_plain(self, site: LayerSite, live: LiveSlices | None) -> bool:
         """Whether the plain layer's own backward is this pipeline's backward for this forward:
-        the input mask is the only method and it found nothing to skip, and no fidelity probe
-        is due. The layer then runs the plain op, which skips the custom op's overhead."""
-        return (set(self.by_stage) == {INPUT_MASK} and not site.probe
-                and (live is None or not live.restricts))
+        there is an input mask and it found nothing to skip, every other method is at an exact
+        setting (e.g. ``relu_mask+crs`` while crs's schedule is at 1.0), and no fidelity probe is
+        due. The layer then runs the plain op, which skips the custom op's overhead."""
+        masker = self.by_stage.get(INPUT_MASK)
+        return (masker is not None and not site.probe and (live is None or not live.restricts)
+                and all(m.is_exact for m in self.methods if m is not masker))
 
     def conv2d_backward(self, site: LayerSite, x: Tensor, weight: Tensor, dy: Tensor,
                         needs: tuple[bool, bool, bool], live: LiveSlices | None = None

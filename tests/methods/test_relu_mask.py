@@ -253,7 +253,7 @@ def test_nothing_dead_runs_the_plain_op(kind):
 
 def test_probe_and_other_methods_run_the_pipeline():
     """A fidelity probe needs the pipeline's backward (it compares it with the exact one), and
-    with another method the mask restricts that method's products: no plain op then."""
+    so does another method that approximates; one at an exact setting leaves the plain op."""
     layer = nn.Conv2d(6, 5, 3, padding=1).double()
     x = torch.relu(torch.randn(4, 6, 5, 5, dtype=torch.float64)).requires_grad_(True)
     approximate(layer, "relu_mask", exclude=None)
@@ -262,8 +262,10 @@ def test_probe_and_other_methods_run_the_pipeline():
     layer(x).sum().backward()
     assert site.fidelity["weight.cos"] == pytest.approx(1.0) and not site.probe
     restore(layer)
-    approximate(layer, Pipeline([ReluMask(), CRS(1.0)]), exclude=None)
-    assert type(layer(x).grad_fn).__name__ == "_Conv2dFunctionBackward"
+    for crs, plain in ((CRS(0.5), False), (CRS(1.0), True)):
+        approximate(layer, Pipeline([ReluMask(), crs]), exclude=None)
+        assert (type(layer(x).grad_fn).__name__ == "ConvolutionBackward0") == plain
+        restore(layer)
 
 
 def test_eval_and_restore_are_exact():
