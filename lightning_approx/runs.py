@@ -164,7 +164,9 @@ def recipe_callbacks(path: Path, seed: int) -> list[pl.Callback]:
         raise ConfigError("--method", str(path), "no such config file",
                           "give a LightningCLI config such as examples/configs/cifar10_resnet20_crs.yaml, "
                           "or a short spec such as crs:sample_ratio=0.5")
-    entries = (OmegaConf.to_container(OmegaConf.load(path)).get("trainer") or {}).get("callbacks") or []
+    config = OmegaConf.to_container(OmegaConf.load(path))
+    trainer = config.get("trainer") if isinstance(config, dict) else None
+    entries = (trainer.get("callbacks") if isinstance(trainer, dict) else None) or []
     callbacks = []
     for entry in [entries] if isinstance(entries, dict) else entries:
         class_path = entry.get("class_path", "") if isinstance(entry, dict) else ""

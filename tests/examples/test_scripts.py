@@ -72,6 +72,10 @@ def test_recipe_callbacks_are_built_as_the_cli_builds_them(tmp_path):
     assert err.value.field == "--method"
     with pytest.raises(ConfigError, match="lists neither ApproxBackward nor KernelRescaling"):
         approx_callbacks(str(CONFIGS / "cifar10_resnet20_exact.yaml"), seed=0)
+    not_a_config = tmp_path / "list.yaml"
+    not_a_config.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="lists neither ApproxBackward nor KernelRescaling"):
+        approx_callbacks(str(not_a_config), seed=0)
     # A full module path works as in LightningCLI, and other callbacks are left to the example.
     own = tmp_path / "cifar10_resnet20_mine.yaml"
     own.write_text("trainer:\n  callbacks:\n"
