@@ -129,10 +129,28 @@ def main(args: list[str] | None = None) -> int:
     """
     try:
         build(args)
-    except ConfigError as e:
-        print(f"lightning-approx: error: {e}", file=sys.stderr)
+    except Exception as e:
+        error = _config_error(e)
+        if error is None:
+            raise
+        print(f"lightning-approx: error: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+def _config_error(error: BaseException | None) -> ConfigError | None:
+    """The :class:`ConfigError` that ``error`` is or was raised from, if any.
+
+    jsonargparse re-raises an error from a callback's, data module's or strategy's constructor as
+    a ``ValueError`` whose cause chain holds the original, so the chain is searched.
+    """
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, ConfigError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 if __name__ == "__main__":

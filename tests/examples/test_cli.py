@@ -83,6 +83,31 @@ def test_missing_imagenet_folder_gives_one_clear_message(tmp_path, capsys):
     assert "does not exist" in err and "<data_dir>/train/<class>/*.JPEG" in err and "Fix:" in err
 
 
+@pytest.mark.parametrize(("override", "message"), [
+    # jsonargparse re-raises a constructor's ConfigError as a ValueError: main still finds it.
+    ("trainer:\n  callbacks:\n    - class_path: lightning_approx.ApproxBackward\n      init_args:\n"
+     "        method: crs\n        sample_ratio: {class_path: lightning_approx.schedules.Cosine,"
+     " init_args: {start: 1.0, end: 0.0, until: 2}}\n", "crs.sample_ratio=Cosine("),
+    ("data:\n  init_args:\n    batch_size: 0\n", "batch_size=0: must be a positive integer"),
+])
+def test_a_bad_callback_or_data_setting_gives_one_clear_message(tmp_path, capsys, override, message):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(override)
+    assert main([*tiny_args(CONFIGS / "cifar10_resnet20_exact.yaml", tmp_path), "--config", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("lightning-approx: error: ") and message in err[-1] and "Fix:" in err[-1]
+    assert not any("Traceback" in line for line in err)
+
+
+def test_an_error_that_is_not_a_setting_still_raises(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("not a setting")
+
+    monkeypatch.setattr(cli_module, "build", broken)
+    with pytest.raises(RuntimeError, match="not a setting"):
+        main([])
+
+
 def test_compare_is_refused_outside_fit(tmp_path, capsys):
     args = ["validate", "--config", str(CONFIGS / "cifar10_resnet20_crs.yaml"), "--compare", "true"]
     assert main(args) == 2
