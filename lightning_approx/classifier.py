@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import lightning.pytorch as pl
@@ -38,9 +39,9 @@ class ImageClassifier(pl.LightningModule):
 
         if lr_schedule not in LR_SCHEDULES:
             raise ConfigError("lr_schedule", lr_schedule, "unknown learning-rate schedule",
-                              f"use one of {LR_SCHEDULES}")
-        if not lr > 0:
-            raise ConfigError("lr", lr, "must be positive", "give e.g. 0.1")
+                              f"use one of {list(LR_SCHEDULES)}")
+        if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not lr > 0:
+            raise ConfigError("lr", lr, "must be a positive number", "give e.g. 0.1")
         self.save_hyperparameters()
         self.net = build_model(model, num_classes=num_classes)
         if channels_last:

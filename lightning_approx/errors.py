@@ -6,6 +6,7 @@ traceback from a YAML config knows which line to change.
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 
@@ -37,3 +38,14 @@ def check_fraction(field: str, value: float, *, low_open: bool = True, fix: str 
         interval = "(0, 1]" if low_open else "[0, 1]"
         raise ConfigError(field, value, f"must lie in {interval}", fix or f"give a value in {interval}, e.g. 0.5")
     return float(value)
+
+
+def check_seed(field: str, value: Any) -> int:
+    """Checks that ``value`` is a whole number usable as a random seed and returns it as an int.
+
+    numpy integers pass (they are ``numbers.Integral``); ``bool`` does not, nor does a float,
+    which would otherwise be truncated silently or fail deep inside ``torch.Generator``.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ConfigError(field, value, "must be a whole number", "give e.g. 0")
+    return int(value)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from lightning_approx.errors import check_seed
 from lightning_approx.methods.pipeline import Pipeline
 from lightning_approx.ops.accounting import WorkCounter
 from lightning_approx.ops.conv import ConvGeometry
@@ -51,6 +52,10 @@ class LayerSite:
     probe: bool = False
     fidelity: dict[str, float] = field(default_factory=dict)
     _generators: dict[torch.device, torch.Generator] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        # A bad seed would otherwise fail at the first backward, inside Generator.manual_seed.
+        self.seed = check_seed("seed", self.seed)
 
     def generator(self, device: torch.device) -> torch.Generator:
         """This layer's random stream on ``device`` (one per device, created on first use)."""

@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import nn
 
-from lightning_approx.errors import ConfigError
+from lightning_approx.errors import ConfigError, check_seed
 from lightning_approx.layers import EXACT_CLASS, PATCHED_CLASS, LayerSite
 from lightning_approx.methods import Method, Pipeline, build_method
 from lightning_approx.ops.conv import ConvGeometry
@@ -56,6 +56,29 @@ def auto_excluded(candidates: list[tuple[str, nn.Module]]) -> set[str]:
     return names
 
 
+def check_exclude(exclude: Any) -> str | list[str] | None:
+    """Checks an ``exclude`` setting before any model is seen (the callback calls it at
+    construction, :func:`select_layers` at patching), so a bad type fails at its config line.
+
+    Returns:
+        ``None``, the pattern string, or the patterns as a list (any iterable is read once).
+
+    Raises:
+        ConfigError: ``exclude`` is neither ``None``, a string nor an iterable of strings.
+    """
+    if exclude is None or isinstance(exclude, str):
+        return exclude
+    # a mapping iterates over its keys, which would pass for patterns by accident
+    if isinstance(exclude, (Mapping, bytes)) or not isinstance(exclude, Iterable):
+        raise ConfigError("exclude", exclude, "must be 'auto', None, a layer name pattern or a list of them",
+                          "give e.g. 'auto', None or ['auto', 'layer1.*']")
+    patterns = list(exclude)
+    for i, pattern in enumerate(patterns):
+        if not isinstance(pattern, str):
+            raise ConfigError(f"exclude[{i}]", pattern, "must be a name pattern", "give a string such as 'layer1.*'")
+    return patterns
+
+
 def select_layers(model: nn.Module, exclude: str | Iterable[str] | None = AUTO) -> list[tuple[str, nn.Module]]:
     """The (name, layer) pairs to patch: every plain ``nn.Conv2d`` / ``nn.Linear`` (or an
     already patched one) whose qualified name matches no ``exclude`` pattern.
@@ -66,7 +89,8 @@ def select_layers(model: nn.Module, exclude: str | Iterable[str] | None = AUTO) 
             fnmatch patterns over qualified names (``"layer1.*"``); ``"auto"`` may be one of them.
 
     Raises:
-        ConfigError: A pattern matches no layer, or nothing is left to patch.
+        ConfigError: ``exclude`` is not a pattern or a list of them (:func:`check_exclude`), a
+            pattern matches no layer, or nothing is left to patch.
     """
     candidates, foreign = [], []
     for name, module in model.named_modules():
@@ -77,14 +101,13 @@ def select_layers(model: nn.Module, exclude: str | Iterable[str] | None = AUTO) 
     if foreign:
         warnings.warn(f"layers {foreign} subclass nn.Conv2d/nn.Linear with their own forward; they stay exact",
                       stacklevel=3)
+    exclude = check_exclude(exclude)
     patterns = [exclude] if isinstance(exclude, str) else list(exclude or [])
     excluded: set[str] = set()
     for i, pattern in enumerate(patterns):
         if pattern == AUTO:
             excluded |= auto_excluded(candidates)
             continue
-        if not isinstance(pattern, str):
-            raise ConfigError(f"exclude[{i}]", pattern, "must be a name pattern", "give a string such as 'layer1.*'")
         hits = {n for n, _ in candidates if fnmatch.fnmatchcase(n, pattern)}
         if not hits:
             raise ConfigError(f"exclude[{i}]", pattern, "matches no Conv2d/Linear layer of the model",
@@ -118,11 +141,15 @@ def approximate(model: nn.Module, method: str | Method | Mapping | Sequence | Pi
     Returns:
         The qualified names of the patched layers.
 
+    Raises:
+        ConfigError: A bad ``method``, ``exclude`` or ``seed`` (nothing is patched then).
+
     Example:
         >>> names = approximate(model, "crs", sample_ratio=0.5)
         >>> restore(model)
     """
     pipeline = make_pipeline(method, **hyperparameters)
+    seed = check_seed("seed", seed)  # before anything is patched
     layers = select_layers(model, exclude)
     _remove_hooks(model)
     sites = []

@@ -14,11 +14,11 @@ from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from lightning_approx.batch_norm import batch_norms, recalibrate_batch_norm
-from lightning_approx.errors import ConfigError
+from lightning_approx.errors import ConfigError, check_seed
 from lightning_approx.methods import Method
 from lightning_approx.ops.accounting import WorkCounter
 from lightning_approx.schedules import Progress, Schedule
-from lightning_approx.surgery import AUTO, approximate, make_pipeline, patched_sites, restore
+from lightning_approx.surgery import AUTO, approximate, check_exclude, make_pipeline, patched_sites, restore
 
 
 class ApproxBackward(Callback):
@@ -45,12 +45,14 @@ class ApproxBackward(Callback):
 
     Args:
         method: A method name (``"crs"``), a :class:`~lightning_approx.methods.Method`, a list
-            of methods that compose, or a mapping from YAML.
+            of methods that compose, or a mapping from YAML (``{name: crs, sample_ratio: 0.25}``
+            or ``class_path`` / ``init_args``). The example scripts' short form
+            ``"relu_mask+crs"`` is refused with the list to write instead.
         sample_ratio: With a sampling method given by name: the fraction computed, a float in
             (0, 1] or a :class:`~lightning_approx.schedules.Schedule`. Default: the method's.
         exclude: Layers kept exact: ``"auto"`` (stem conv and final classifier), ``None``, or
             name patterns (``"layer3.*"``), ``"auto"`` allowed among them.
-        seed: Seed of the layers' random streams.
+        seed: Seed of the layers' random streams (a whole number).
         log_per_layer: Also log each layer's backward work.
         sync_cuda: Synchronize CUDA before reading the step time (otherwise it measures
             launch time only).
@@ -70,8 +72,8 @@ class ApproxBackward(Callback):
 
     def __init__(
         self,
-        method: str | Method | list[str | Method] = "crs",
-        sample_ratio: float | Schedule | None = None,
+        method: str | Method | dict[str, Any] | list[str | Method | dict[str, Any]] = "crs",
+        sample_ratio: float | Schedule | dict[str, Any] | None = None,
         exclude: str | list[str] | None = AUTO,
         seed: int = 0,
         log_per_layer: bool = True,
@@ -82,8 +84,8 @@ class ApproxBackward(Callback):
         super().__init__()
         hyperparameters = {} if sample_ratio is None else {"sample_ratio": sample_ratio}
         self.pipeline = make_pipeline(method, **hyperparameters)  # validates now, not at fit
-        self.exclude = exclude
-        self.seed = int(seed)
+        self.exclude = check_exclude(exclude)  # its layer names are checked at setup, with the model
+        self.seed = check_seed("seed", seed)
         self.log_per_layer = log_per_layer
         self.sync_cuda = sync_cuda
         if isinstance(fidelity_every_n_steps, bool) or not isinstance(fidelity_every_n_steps, int) \

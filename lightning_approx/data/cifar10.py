@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler
 
 from lightning_approx.data.transforms import normalize, random_crop, random_horizontal_flip
-from lightning_approx.errors import ConfigError
+from lightning_approx.errors import ConfigError, check_seed
 
 __all__ = ["ARCHIVE_MD5", "CIFAR10", "CIFAR10_MEAN", "CIFAR10_STD", "FILE_MD5S", "URL", "CIFAR10DataModule",
            "download_archive", "file_md5", "prepare_cifar10", "read_md5sums"]
@@ -462,6 +462,9 @@ class CIFAR10DataModule(pl.LightningDataModule):
                  download: bool = False, seed: int = 0, augment: bool = True, pin_memory: bool | None = None,
                  url: str = URL, archive_md5: str | None = ARCHIVE_MD5) -> None:
         super().__init__()
+        if not isinstance(data_dir, (str, os.PathLike)):
+            raise ConfigError("data_dir", data_dir, "must be a folder path",
+                              "give the folder holding (or to download) cifar-10-batches-py, e.g. data/cifar10")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError("batch_size", batch_size, "must be a positive integer", "give e.g. 128")
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
@@ -470,7 +473,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.download = download
-        self.seed = seed
+        self.seed = check_seed("seed", seed)  # else torch.Generator fails with a bare RuntimeError
         self.augment = augment
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.url = url

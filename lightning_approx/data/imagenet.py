@@ -27,7 +27,7 @@ from lightning_approx.data.transforms import (
     random_resized_crop,
     resize,
 )
-from lightning_approx.errors import ConfigError
+from lightning_approx.errors import ConfigError, check_seed
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "IMG_EXTENSIONS", "ImageFolderDataset", "ImageNetDataModule",
            "SyntheticImageDataset", "find_classes"]
@@ -119,7 +119,7 @@ class ImageFolderDataset(Dataset):
                  resize_size: int = 256, train: bool | None = None, classes: list[str] | None = None,
                  scale: tuple[float, float] = (0.08, 1.0)) -> None:
         if split not in SPLITS:
-            raise ConfigError("split", split, "unknown split", f"use one of {SPLITS}")
+            raise ConfigError("split", split, "unknown split", f"use one of {list(SPLITS)}")
         self.root = Path(root).expanduser()
         self.split = split
         self.image_size = image_size
@@ -236,6 +236,8 @@ class ImageNetDataModule(pl.LightningDataModule):
         if not synthetic and data_dir is None:
             raise ConfigError("data_dir", data_dir, "is required unless synthetic=True",
                               "give the folder holding train/ and val/")
+        if data_dir is not None and not isinstance(data_dir, (str, os.PathLike)):
+            raise ConfigError("data_dir", data_dir, "must be a folder path", "give the folder holding train/ and val/")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError("batch_size", batch_size, "must be a positive integer", "give e.g. 256")
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
@@ -249,7 +251,7 @@ class ImageNetDataModule(pl.LightningDataModule):
         self.synthetic_train_size = synthetic_train_size
         self.synthetic_val_size = synthetic_val_size
         self.num_classes = num_classes
-        self.seed = seed
+        self.seed = check_seed("seed", seed)  # else torch.Generator fails with a bare RuntimeError
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.shuffle_generator = torch.Generator().manual_seed(seed)
         self.worker_generator = torch.Generator().manual_seed(seed + 1)

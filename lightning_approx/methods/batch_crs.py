@@ -40,6 +40,7 @@ from lightning_approx.schedules import Schedule
 
 if TYPE_CHECKING:
     from lightning_approx.layers import LayerSite
+    from lightning_approx.methods.pipeline import Pipeline
 
 SAMPLE_RATIO = Hyperparameter(low=0.0, high=1.0, low_open=True, high_open=False, exact_at=1.0,
                               fix="give a fraction of the batch in (0, 1]; 1.0 computes the exact gradients")
@@ -212,16 +213,20 @@ class BatchCRS(Method):
     def options(self) -> dict:
         return {"output": self.output, "batch_norm": self.batch_norm}
 
-    # --- the shared draw -------------------------------------------------------------
-    def attach(self, model: nn.Module, sites: list[LayerSite]) -> list[RemovableHandle]:
-        """Hooks the output layer so its gradient keeps the drawn rows only."""
-        masker = sites[0].pipeline.by_stage.get("input_mask")
+    def check_pipeline(self, pipeline: Pipeline) -> None:
+        """Refuses an ``input_mask`` method next to this one (called by
+        :class:`~lightning_approx.methods.pipeline.Pipeline`)."""
+        masker = pipeline.by_stage.get("input_mask")
         if masker is not None:
             # The mask drops samples that are zero everywhere, so a layer's rows would no longer
             # be the batch's and the draw would address the wrong ones.
-            raise ConfigError("method", [m.name for m in sites[0].pipeline.methods],
+            raise ConfigError("method", [m.name for m in pipeline.methods],
                               f"{masker.name!r} removes dead samples from a layer's rows, and batch_crs's draw "
                               "addresses rows of the whole batch", f"use {masker.name!r} with crs, or batch_crs alone")
+
+    # --- the shared draw -------------------------------------------------------------
+    def attach(self, model: nn.Module, sites: list[LayerSite]) -> list[RemovableHandle]:
+        """Hooks the output layer so its gradient keeps the drawn rows only."""
         self._output_name, layer = _output_layer(model, self.output)
         self._site = sites[0]  # its random stream draws the rows (and is checkpointed with it)
         handles: list = [layer.register_forward_hook(self._mask_output)]

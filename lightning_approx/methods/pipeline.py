@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -36,14 +36,24 @@ class Pipeline:
     whole op and composes with nothing.
 
     Raises:
-        ConfigError: Two methods claim the same stage (for example ``crs`` and
-            ``bernoulli_crs`` both estimate the weight gradient), a ``forward`` method is
-            combined with any other method, or the list is empty.
+        ConfigError: ``methods`` is not a list of :class:`Method` objects or is empty, two
+            methods claim the same stage (for example ``crs`` and ``bernoulli_crs`` both
+            estimate the weight gradient), a ``forward`` method is combined with any other
+            method, or a method refuses another (``batch_crs`` with ``relu_mask``).
     """
 
     def __init__(self, methods: list[Method]) -> None:
+        if isinstance(methods, (str, Method)) or not isinstance(methods, Sequence):
+            raise ConfigError("method", methods, "Pipeline takes a list of Method objects",
+                              "give e.g. Pipeline([CRS()]), or build it from names and mappings with "
+                              "lightning_approx.surgery.make_pipeline('crs')")
         if not methods:
             raise ConfigError("method", methods, "no method given", "name at least one method, e.g. 'crs'")
+        for i, method in enumerate(methods):
+            if not isinstance(method, Method):
+                raise ConfigError(f"method[{i}]", method, "is not a Method object",
+                                  f"build it with lightning_approx.methods.build_method({method!r}), or pass the "
+                                  "whole list to lightning_approx.surgery.make_pipeline")
         self.methods = list(methods)
         self.by_stage: dict[str, Method] = {}
         for method in self.methods:
@@ -68,6 +78,12 @@ class Pipeline:
                 f"on the sampled op), so {replaced} would never run",
                 f"use {forward.name!r} alone, or drop it and combine methods that change the backward only "
                 "(e.g. relu_mask + crs)")
+        for method in self.methods:
+            # A method that refuses some partners (batch_crs next to an input mask) says so now,
+            # when the callback is built, rather than when fit patches the model.
+            check = getattr(method, "check_pipeline", None)
+            if check is not None:
+                check(self)
 
     def update(self, progress: Progress) -> None:
         for method in self.methods:

@@ -130,7 +130,7 @@ class CRS(Method):
                  weight_window: str = "batch") -> None:
         super().__init__()
         self._set("sample_ratio", sample_ratio)
-        if grads not in GRADS:
+        if not isinstance(grads, str) or grads not in GRADS:  # a list is unhashable: TypeError
             raise ConfigError(f"{self.name}.grads", grads, "unknown choice of sampled products",
                               f"use one of {sorted(GRADS)}")
         self.grads = grads

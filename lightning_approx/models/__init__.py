@@ -18,7 +18,7 @@ from lightning_approx.models.vgg import VGG, vgg19_bn
 __all__ = ["MODELS", "VGG", "CifarResNet", "ResNet", "build_model", "resnet18", "resnet20", "resnet32",
            "resnet50", "resnet56", "vgg19_bn"]
 
-# Name -> constructor taking ``num_classes``; the first five expect 32x32 images, the ResNet-18/50 224x224.
+# Name -> constructor taking ``num_classes``; the first four expect 32x32 images, the ResNet-18/50 224x224.
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet20": resnet20,
     "resnet32": resnet32,
@@ -43,7 +43,7 @@ def build_model(name: str, num_classes: int | None = None) -> nn.Module:
     Raises:
         ConfigError: ``name`` is not a known model, or ``num_classes`` is not a positive int.
     """
-    if name not in MODELS:
+    if not isinstance(name, str) or name not in MODELS:  # a list is unhashable: TypeError
         raise ConfigError("model", name, "unknown model", f"use one of {sorted(MODELS)}")
     if num_classes is None:
         return MODELS[name]()

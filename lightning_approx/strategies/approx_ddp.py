@@ -4,6 +4,7 @@ across ranks where they must."""
 
 from __future__ import annotations
 
+import inspect
 import logging
 from datetime import timedelta
 from typing import Any, Literal
@@ -22,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
 from lightning_approx.callbacks.approx_backward import ApproxBackward
-from lightning_approx.errors import ConfigError
+from lightning_approx.errors import ConfigError, check_seed
 from lightning_approx.layers import EXACT_CLASS, LayerSite
 from lightning_approx.methods.forward_sampling import ForwardSampling
 from lightning_approx.schedules import Schedule, as_schedule, check_range
@@ -42,6 +43,11 @@ RANK_SEEDING = ("auto", "per_rank", "shared")
 _SHARED_STREAM = -1  # the "rank" of streams every rank draws alike
 # DDPStrategy arguments that install another communication hook: DDP takes one hook only.
 _FOREIGN_HOOK_ARGS = ("ddp_comm_state", "ddp_comm_hook", "ddp_comm_wrapper", "model_averaging_period")
+# What ``**kwargs`` may hold: DistributedDataParallel's own arguments (Lightning passes ``module``
+# and ``device_ids`` itself) and the hook arguments above; anything else would only fail when fit
+# builds DDP, far from the config line.
+_DDP_KWARGS = (frozenset(inspect.signature(DistributedDataParallel.__init__).parameters)
+               - {"self", "module", "device_ids"}) | set(_FOREIGN_HOOK_ARGS)
 
 
 class ApproxDDPStrategy(DDPStrategy):
@@ -108,8 +114,9 @@ class ApproxDDPStrategy(DDPStrategy):
 
     Raises:
         ConfigError: An unknown mode, a ``comm_ratio`` outside (0, 1] or given without
-            ``comm="sampled"``, a bad ``block_size`` or ``rank_seeding``, or a DDP argument
-            that installs another communication hook.
+            ``comm="sampled"``, a bad ``block_size``, ``rank_seeding`` or ``seed``, a DDP
+            argument that installs another communication hook, or a keyword argument that is
+            not one of ``DistributedDataParallel``'s.
 
     Example::
 
@@ -146,6 +153,10 @@ class ApproxDDPStrategy(DDPStrategy):
             if kwargs.get(name) is not None:
                 raise ConfigError(name, kwargs[name], "ApproxDDPStrategy installs its own communication hook and "
                                   "DDP takes only one", "drop it, or use lightning's DDPStrategy for your own hook")
+        for name, value in kwargs.items():
+            if name not in _DDP_KWARGS:
+                raise ConfigError(name, value, "is not an argument of ApproxDDPStrategy or DistributedDataParallel",
+                                  f"drop it, or use one of {sorted(_DDP_KWARGS - set(_FOREIGN_HOOK_ARGS))}")
         ddp = {"find_unused_parameters": find_unused_parameters, "static_graph": static_graph,
                "gradient_as_bucket_view": gradient_as_bucket_view, "broadcast_buffers": broadcast_buffers}
         if bucket_cap_mb is not None:
@@ -170,10 +181,8 @@ class ApproxDDPStrategy(DDPStrategy):
                               "give e.g. 1024 (elements per block)")
         if rank_seeding not in RANK_SEEDING:
             raise ConfigError("rank_seeding", rank_seeding, "unknown choice", f"use one of {list(RANK_SEEDING)}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ConfigError("seed", seed, "must be a whole number", "give e.g. 0")
         self.block_size = block_size
-        self.seed = seed
+        self.seed = check_seed("seed", seed)
         self.rank_seeding = rank_seeding
         self.log_comm = log_comm
         self._totals = CommTotals()
