@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_approx import ApproxBackward, ConfigError, KernelRescaling
+from lightning_approx.callbacks import kernel_rescaling
 from lightning_approx.ops.rescale import (
     AxisGrid,
     resample_kernel,
@@ -103,15 +104,17 @@ def test_kernel_sizes_and_padding():
 
 # --- models and data --------------------------------------------------------------------------
 class StemNet(pl.LightningModule):
-    """7x7 stride-2 stem, a 3x3 conv, global pooling (or a flatten), a classifier."""
+    """7x7 stride-2 stem, a 3x3 (or ``conv_kernel``) conv, global pooling (or a flatten), a classifier."""
 
-    def __init__(self, optimizer: str = "sgd", flatten: bool = False, direct: bool = False, size: int = 32):
+    def __init__(self, optimizer: str = "sgd", flatten: bool = False, direct: bool = False, size: int = 32,
+                 conv_kernel: int = 3):
         super().__init__()
         head = [("flat", nn.Flatten()), ("fc", nn.Linear(8 * (size // 2) ** 2, 4))] if flatten else \
             [("pool", nn.AdaptiveAvgPool2d(1)), ("flat", nn.Flatten()), ("fc", nn.Linear(8, 4))]
         self.net = nn.Sequential(OrderedDict([
             ("stem", nn.Conv2d(3, 8, 7, stride=2, padding=3, bias=False)), ("bn", nn.BatchNorm2d(8)),
-            ("relu", nn.ReLU()), ("conv", nn.Conv2d(8, 8, 3, padding=1)), ("relu2", nn.ReLU()), *head]))
+            ("relu", nn.ReLU()), ("conv", nn.Conv2d(8, 8, conv_kernel, padding=conv_kernel // 2)),
+            ("relu2", nn.ReLU()), *head]))
         self.optimizer, self.direct = optimizer, direct
         self.seen: list[tuple[bool, tuple[int, int], tuple[int, int]]] = []
 
@@ -248,7 +251,8 @@ def test_resume_before_and_after_the_switch(tmp_path):
     (state,) = [v for k, v in low["callbacks"].items() if k.startswith("KernelRescaling")]
     assert state["scale"] == 0.5 and state["weights"]["net.stem"].shape == (8, 3, 3, 3)
     assert low["state_dict"]["net.stem.weight"].shape == (8, 3, 7, 7)  # the model's state is always full size
-    assert low["optimizer_states"][0]["state"][0]["momentum_buffer"].shape == (8, 3, 3, 3)
+    assert low["optimizer_states"][0]["state"][0]["momentum_buffer"].shape == (8, 3, 7, 7)  # full size too
+    assert state["optimizer_state"][0]["state"]["momentum_buffer"].shape == (8, 3, 3, 3)  # the exact one
     fresh = StemNet()  # a checkpoint from the low-resolution phase loads into a fresh full-size model
     fresh.load_state_dict(low["state_dict"])
     for epoch in (0, 1):  # 0: saved at low resolution, 1: saved after the switch
@@ -257,6 +261,38 @@ def test_resume_before_and_after_the_switch(tmp_path):
             torch.testing.assert_close(p, q, rtol=0, atol=0, msg=f"resumed from epoch {epoch}: {name}")
         train = [s[1:] for s in resumed.seen if s[0]]
         assert train == [((32, 32), (7, 7))] * 4 * (2 - epoch)
+
+
+def test_low_resolution_checkpoint_resumes_with_or_without_the_callback(tmp_path):
+    class Save(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step != 2:
+                return
+            state = trainer.optimizers[0].state[pl_module.net.stem.weight]
+            live = state["momentum_buffer"]
+            trainer.save_checkpoint(tmp_path / "low.ckpt")
+            assert state["momentum_buffer"] is live and live.shape == (8, 3, 3, 3)  # training's state untouched
+
+    cb = KernelRescaling(scale=0.5, epochs=1)
+    trainer(tmp_path, [cb, Save()], max_epochs=2, limit_val_batches=0).fit(StemNet(), loader())
+    ckpt = torch.load(tmp_path / "low.ckpt", weights_only=False)
+    (entry,) = ckpt["callbacks"]["KernelRescaling"]["optimizer_state"]
+    small, weight = entry["state"]["momentum_buffer"], ckpt["callbacks"]["KernelRescaling"]["weights"]["net.stem"]
+    up = (cb.layers[0].grids(0.5), cb.layers[0].grids(1.0))
+    full = ckpt["optimizer_states"][0]["state"][entry["param"]]["momentum_buffer"]
+    torch.testing.assert_close(full, resample_kernel(small, *up))  # the map of the switch to full size
+    # without the callback: a plain fit resumes at full size, from the resampled state
+    probe = Probe()
+    trainer(tmp_path, [probe], max_epochs=2, limit_val_batches=0).fit(StemNet(), loader(),
+                                                                       ckpt_path=tmp_path / "low.ckpt")
+    torch.testing.assert_close(probe.start[0]["state"]["momentum_buffer"], full, rtol=0, atol=0)
+    torch.testing.assert_close(probe.start[0]["data"], resample_kernel(weight, *up), rtol=0, atol=0)
+    # with it: the exact small weight and momentum are back
+    probe = Probe()
+    trainer(tmp_path, [KernelRescaling(scale=0.5, epochs=1), probe], max_epochs=2, limit_val_batches=0).fit(
+        StemNet(), loader(), ckpt_path=tmp_path / "low.ckpt")
+    torch.testing.assert_close(probe.start[0]["state"]["momentum_buffer"], small, rtol=0, atol=0)
+    torch.testing.assert_close(probe.start[0]["data"], weight, rtol=0, atol=0)
 
 
 def test_state_dict_is_full_size_and_loads_either_size(tmp_path):
@@ -297,6 +333,103 @@ def test_imagenet_resnet_stem_at_low_resolution(tmp_path):
         model, loader(n=2, batch=2, size=64), loader(n=2, batch=2, size=64))
     assert [layer.name for layer in cb.layers] == ["net.conv1"]
     assert model.net.conv1.weight.shape == (64, 3, 7, 7)
+
+
+# --- failures: everything put back ------------------------------------------------------------------
+class FlakyResample:
+    """Stands in for the callback's ``resample_kernel`` and runs out of memory on the calls in ``fail_on``."""
+
+    def __init__(self, monkeypatch, fail_on=()):
+        self.calls, self.fail_on = 0, set(fail_on)
+        monkeypatch.setattr(kernel_rescaling, "resample_kernel", self)
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls in self.fail_on:
+            raise torch.OutOfMemoryError(f"simulated: out of memory in resample call {self.calls}")
+        return resample_kernel(*args, **kwargs)
+
+
+def conv_geometry(model):
+    return {name: (m.weight.shape, m.kernel_size, m.padding, m._reversed_padding_repeated_twice)
+            for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+
+
+def test_switch_failing_part_way_is_undone(tmp_path, monkeypatch):
+    model = StemNet(conv_kernel=5)  # two rescaled layers: the stem and the 5x5 conv
+    before, params = conv_geometry(model), dict(model.named_parameters())
+    assert type(before["net.stem"][3]) is tuple  # torch's own type, which a restore keeps
+    FlakyResample(monkeypatch, fail_on={2})  # the first switch moves the stem, then fails on the 5x5 conv
+    with pytest.raises(torch.OutOfMemoryError):
+        trainer(tmp_path, [KernelRescaling(scale=0.5, epochs=1)], max_epochs=2).fit(model, loader())
+    assert conv_geometry(model) == before and dict(model.named_parameters()) == params
+    assert all(p is params[name] for name, p in model.named_parameters())
+    assert not model._forward_pre_hooks and not model.net.stem._state_dict_hooks
+
+    # the switch itself: the next one moves exactly the layers that are not at its scale yet
+    cb = KernelRescaling(scale=0.5, epochs=1)
+    cb.layers = cb._select_layers(model)
+    FlakyResample(monkeypatch, fail_on={2})
+    with pytest.raises(torch.OutOfMemoryError):
+        cb._switch(0.5)
+    assert [layer.scale for layer in cb.layers] == [0.5, 1.0] and cb.scale == 1.0
+    cb._switch(1.0)
+    assert conv_geometry(model) == before and cb.scale == 1.0
+
+
+def test_failing_restore_warns_and_lets_the_training_error_through(tmp_path, monkeypatch):
+    flaky = FlakyResample(monkeypatch)
+    seen = []
+
+    class Boom(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if batch_idx == 1:
+                flaky.fail_on = {flaky.calls + 1}  # putting the stem back runs out of memory
+                raise RuntimeError("training failed")
+
+    class Later(Callback):
+        def on_exception(self, trainer, pl_module, exception):
+            seen.append(exception)
+
+    model = StemNet(conv_kernel=5)
+    with pytest.raises(RuntimeError, match="training failed"), \
+            pytest.warns(UserWarning, match=r"could not put back.*net\.stem \(OutOfMemoryError") as warned:
+        trainer(tmp_path, [KernelRescaling(scale=0.5, epochs=1), Boom(), Later()], max_epochs=2).fit(
+            model, loader())
+    assert [str(e) for e in seen] == ["training failed"]  # the later callbacks' on_exception still ran
+    assert "net.conv" not in str(warned[0].message)  # restored after the stem failed
+    assert model.net.conv.weight.shape == (8, 8, 5, 5) and model.net.conv.padding == (2, 2)
+    assert model.net.stem.weight.shape == (8, 3, 3, 3)  # the one it could not restore, named above
+    assert not model._forward_pre_hooks
+
+
+@pytest.mark.parametrize("where", ["setup", "configure_model"])
+def test_layers_built_after_the_callbacks_setup_are_refused(tmp_path, where):
+    class Late(StemNet):
+        def __init__(self):
+            super().__init__()
+            del self.net  # built below, after the callbacks' setup
+
+        def setup(self, stage):
+            if where == "setup":
+                self.net = StemNet().net
+
+        def configure_model(self):
+            if where == "configure_model" and not hasattr(self, "net"):
+                self.net = StemNet().net
+
+    model = Late()
+    with pytest.raises(ConfigError, match=r"net\.stem.*configure_model") as err:
+        trainer(tmp_path, [KernelRescaling(scale=0.5, epochs=1)], max_epochs=2).fit(model, loader())
+    assert err.value.field == "model" and "__init__" in err.value.fix
+    assert not model.seen
+
+
+def test_model_without_kernels_to_rescale_resizes_the_input_only(tmp_path):
+    model = StemNet()  # like ResNet-20 (3x3 convs only, the recommended recipe)
+    cb = KernelRescaling(scale=0.5, epochs=1, min_kernel_size=9)
+    trainer(tmp_path, [cb], max_epochs=2, limit_val_batches=0).fit(model, loader())
+    assert cb.layers == [] and [s[1] for s in model.seen if s[0]] == [(16, 16)] * 4 + [(32, 32)] * 4
 
 
 # --- refusals ------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 from typing_extensions import override
@@ -69,9 +69,9 @@ class RescaledLayer:
                 for i, (d, k) in enumerate(zip(reversed(conv.dilation), reversed(conv.kernel_size), strict=True)):
                     total = d * (k - 1)
                     pads[2 * i], pads[2 * i + 1] = total // 2, total - total // 2
-            conv._reversed_padding_repeated_twice = pads
+            conv._reversed_padding_repeated_twice = pads  # a list, as torch builds it for string paddings
         else:
-            conv._reversed_padding_repeated_twice = [p for p in reversed(conv.padding) for _ in range(2)]
+            conv._reversed_padding_repeated_twice = tuple(p for p in reversed(conv.padding) for _ in range(2))
         site = getattr(conv, "approx_site", None)  # patched by ApproxBackward: its forward reads the site's copy
         if site is not None and site.geometry is not None:
             site.geometry = ConvGeometry.of(conv)
@@ -106,9 +106,18 @@ class KernelRescaling(Callback):
     them afresh, Adam's step count included). The learning-rate scheduler is not touched.
 
     Checkpoints: the model's ``state_dict`` always holds full-size kernels (rescaled on the
-    fly in the low-resolution phase), so any checkpoint loads into a freshly built model,
+    fly in the low-resolution phase) and the checkpoint's optimizer state is resampled to full
+    size with them, so any checkpoint loads into a freshly built model, and resumes a fit,
     with or without this callback; the callback's own state holds the scale and the exact
-    small kernels, and a resumed fit continues in the right phase with them.
+    small kernels and optimizer state, and a fit resumed with it continues in the right phase
+    with them.
+
+    The layers to rescale are chosen at ``setup``, before ``LightningModule.setup`` and
+    ``configure_model``: a model that builds a conv to rescale there is refused with a
+    :class:`~lightning_approx.errors.ConfigError` at ``on_fit_start`` (build it in
+    ``__init__``). On an exception during fit every layer is put back at full size, best
+    effort: a layer that cannot be (out of memory) is named in a warning and the training
+    error goes on.
 
     The first batch of each low-resolution phase runs the model once more on the batch, in
     eval mode and without gradients, at both resolutions, and raises a
@@ -278,11 +287,44 @@ class KernelRescaling(Callback):
         self._switch(1.0)
 
     @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check_no_late_layers(pl_module)
+
+    def _check_no_late_layers(self, pl_module: pl.LightningModule) -> None:
+        """Refuses convs to rescale that were not in the model when ``setup`` selected the layers."""
+        known = {(layer.name, id(layer.conv)) for layer in self.layers}
+        late = [layer.name for layer in self._select_layers(pl_module) if (layer.name, id(layer.conv)) not in known]
+        if late:
+            raise ConfigError("model", type(pl_module).__name__,
+                              f"has convs to rescale that were not there at KernelRescaling's setup: {late}. Layers "
+                              "built in LightningModule.setup() or configure_model() come after the callbacks' setup, "
+                              "so their kernels would keep their full size on the low-resolution images",
+                              "build the layers in the LightningModule's __init__")
+
+    @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """Puts every layer back at full size, best effort: it never raises, since Lightning would
+        then skip the later callbacks' ``on_exception`` and the training error would be replaced.
+        Each layer is restored on its own; the layers it could not restore are named in a warning."""
         self._in_batch = False
-        self._hide_full_size()
-        self._switch(1.0)
-        self._remove_hooks()
+        optimizers = self._optimizers()
+        failed = []
+        for layer in self.layers:
+            try:
+                self._hide_layer(layer)
+                self._move_layer(layer, 1.0, optimizers)
+            except Exception as err:  # reported below; the training error goes on
+                failed.append(f"{layer.name} ({type(err).__name__}: {err})")
+        if not failed:
+            self.scale = 1.0
+        try:
+            self._remove_hooks()
+        except Exception as err:
+            failed.append(f"its hooks ({type(err).__name__}: {err})")
+        if failed:
+            rank_zero_warn(f"KernelRescaling: after {type(exception).__name__} it could not put back at full size: "
+                           f"{'; '.join(failed)}. Those layers may keep rescaled kernels, hooks or optimizer state; "
+                           "rebuild the model (or load a checkpoint) before using it again.")
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -369,14 +411,21 @@ class KernelRescaling(Callback):
                               f"at {small[0]}x{small[1]}, {full_shapes} at {x.shape[-2]}x{x.shape[-1]}", fix)
 
     # --- switching ---------------------------------------------------------------------------
+    def _optimizers(self) -> list[torch.optim.Optimizer]:
+        return list(self._trainer.optimizers) if self._trainer is not None else []
+
     def _switch(self, scale: float) -> None:
-        """Moves every rescaled layer (weight, grad, optimizer state, geometry) to ``scale``."""
-        if scale == self.scale:
-            return
-        optimizers = list(self._trainer.optimizers) if self._trainer is not None else []
-        for layer in self.layers:
+        """Moves every rescaled layer (weight, grad, optimizer state, geometry) to ``scale``.
+
+        Decided per layer (each knows its own scale): after a switch that failed part-way, the
+        next ``_switch`` moves exactly the layers that are not at ``scale`` yet. ``self.scale``
+        (the input's scale) changes only once every layer is there.
+        """
+        optimizers = self._optimizers()
+        moved = [layer for layer in self.layers if layer.scale != scale]
+        for layer in moved:
             self._move_layer(layer, scale, optimizers)
-        if self.layers:
+        if moved:
             rank_zero_info(f"KernelRescaling: scale {self.scale:g} -> {scale:g}; kernels "
                            + ", ".join(f"{layer.name} {tuple(layer.conv.weight.shape[-2:])}" for layer in self.layers))
         self.scale = scale
@@ -387,19 +436,20 @@ class KernelRescaling(Callback):
         src, dst = layer.grids(layer.scale), layer.grids(scale)
         weight = layer.conv.weight
         old_shape = weight.shape
-        for optimizer in optimizers:
-            state = optimizer.state.get(weight)
-            if not state:
-                continue
+        # Everything is resampled before anything is assigned: a failure (out of memory) leaves
+        # the layer whole at its old scale, so that restoring it is just this move again.
+        holders = [optimizer for optimizer in optimizers if optimizer.state.get(weight)]
+        updates = [{key: _resample_state(key, value, src, dst) for key, value in optimizer.state[weight].items()
+                    if isinstance(value, Tensor) and value.shape == old_shape} for optimizer in holders]
+        grad = None if weight.grad is None else resample_kernel(weight.grad, src, dst)
+        data = resample_kernel(weight.data, src, dst)
+        for optimizer, update in zip(holders, updates, strict=True):
             if self.optimizer_state == "reset":
                 del optimizer.state[weight]
-                continue
-            for key, value in list(state.items()):
-                if isinstance(value, Tensor) and value.shape == old_shape:
-                    state[key] = _resample_state(key, value, src, dst)
-        grad = None if weight.grad is None else resample_kernel(weight.grad, src, dst)
+            else:
+                optimizer.state[weight].update(update)
         weight.grad = None  # a grad must match the data's shape when it is assigned
-        weight.data = resample_kernel(weight.data, src, dst)
+        weight.data = data
         weight.grad = grad
         layer.set_geometry(scale)
         layer.scale = scale
@@ -419,20 +469,24 @@ class KernelRescaling(Callback):
             if layer.scale >= 1.0 or layer._stash is not None:
                 continue
             weight = layer.conv.weight
+            full = resample_kernel(weight.data, layer.grids(layer.scale), layer.grids(1.0))  # before any change
             layer._stash = (weight.data, weight.grad)
             weight.grad = None
-            weight.data = resample_kernel(weight.data, layer.grids(layer.scale), layer.grids(1.0))
+            weight.data = full
             layer.set_geometry(1.0)
 
     def _hide_full_size(self) -> None:
         for layer in self.layers:
-            if layer._stash is None:
-                continue
-            weight = layer.conv.weight
-            weight.data, grad = layer._stash
-            weight.grad = grad
-            layer._stash = None
-            layer.set_geometry(layer.scale)
+            self._hide_layer(layer)
+
+    def _hide_layer(self, layer: RescaledLayer) -> None:
+        if layer._stash is None:
+            return
+        weight = layer.conv.weight
+        weight.data, grad = layer._stash
+        weight.grad = grad
+        layer._stash = None
+        layer.set_geometry(layer.scale)
 
     # Validation and test run at full resolution whatever the phase.
     @override
@@ -485,6 +539,53 @@ class KernelRescaling(Callback):
             state_dict[key] = resample_kernel(value, layer.grids(1.0), layer.grids(layer.scale))
 
     @override
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        """Puts the optimizer state of the rescaled weights in the checkpoint at full size, like the
+        weights in its ``state_dict``, so that it resumes without this callback too; the exact
+        small tensors go into this callback's state, and :meth:`on_load_checkpoint` puts them back."""
+        small = [layer for layer in self.layers if layer.scale < 1.0]
+        if not small or "optimizer_states" not in checkpoint:
+            return
+        exact = []
+        for i, (optimizer, packed) in enumerate(zip(trainer.optimizers, checkpoint["optimizer_states"], strict=True)):
+            index: dict[int, int] = {}  # the packed state is keyed by the parameters' places in the groups
+            for group, packed_group in zip(optimizer.param_groups, packed["param_groups"], strict=True):
+                index.update({id(p): j for p, j in zip(group["params"], packed_group["params"], strict=True)})
+            states = packed["state"]
+            for layer in small:
+                j = index.get(id(layer.conv.weight))
+                if j not in states:
+                    continue
+                shape, src, dst = layer.shown_weight().shape, layer.grids(layer.scale), layer.grids(1.0)
+                state = dict(states[j])  # a copy: the packed state holds the optimizer's own dict
+                saved = {key: value.detach().clone() for key, value in state.items()
+                         if isinstance(value, Tensor) and value.shape == shape}
+                # The map of the switch to full size (_move_layer): the state dict holds the weight
+                # w as M·w, and momentum, linear in the gradients, as M·v keeps the SGD update
+                # M(w - lr·v) = Mw - lr·Mv, so a resume without the callback continues from exactly
+                # the state the switch would produce (Adam's second moments through their root).
+                state.update({key: _resample_state(key, value, src, dst) for key, value in saved.items()})
+                states[j] = state
+                exact.append({"layer": layer.name, "optimizer": i, "param": j, "state": saved})
+        checkpoint["callbacks"][self.state_key]["optimizer_state"] = exact
+
+    @override
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        """Puts the exact small optimizer state saved by :meth:`on_save_checkpoint` back into the
+        checkpoint, before Lightning loads it into the optimizers."""
+        own = (checkpoint.get("callbacks") or {}).get(self.state_key) or {}
+        packed_states = checkpoint.get("optimizer_states") or []
+        for entry in own.get("optimizer_state", []):
+            i, j = entry["optimizer"], entry["param"]
+            if i >= len(packed_states) or j not in packed_states[i]["state"]:
+                raise ConfigError("min_kernel_size", self.min_kernel_size, f"the checkpoint's optimizer state has no "
+                                  f"entry for {entry['layer']} (optimizer {i}, parameter {j})",
+                                  "resume from an unmodified checkpoint of the saved run")
+            packed_states[i]["state"][j] = {**packed_states[i]["state"][j], **entry["state"]}
+
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "scale": self.scale,
@@ -504,6 +605,8 @@ class KernelRescaling(Callback):
         """Puts the model in the saved phase with the exact saved kernels (its state dict, just
         loaded, holds them at full size)."""
         self._pending = None
+        if self._model is not None:
+            self._check_no_late_layers(self._model)  # resuming comes before on_fit_start
         scale = float(state.get("scale", 1.0))
         weights: Mapping[str, Tensor] = state.get("weights", {})
         by_name = {layer.name: layer for layer in self.layers}
