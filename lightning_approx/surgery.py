@@ -127,7 +127,8 @@ def approximate(model: nn.Module, method: str | Method | Mapping | Sequence | Pi
     The layers keep their ``Parameter`` objects, ``state_dict`` keys, device, dtype and
     ``isinstance`` checks, so optimizers, DDP and checkpoints are untouched. Evaluation
     (``model.eval()`` or ``torch.no_grad()``) is always exact. Calling it on a patched model
-    replaces the method; it never wraps twice.
+    replaces the method and the selection: it never wraps twice, and layers patched before
+    but not selected now go back to exact.
 
     Args:
         model: The model to patch.
@@ -142,7 +143,9 @@ def approximate(model: nn.Module, method: str | Method | Mapping | Sequence | Pi
         The qualified names of the patched layers.
 
     Raises:
-        ConfigError: A bad ``method``, ``exclude`` or ``seed`` (nothing is patched then).
+        ConfigError: A bad ``method``, ``exclude`` or ``seed``, or a method that cannot attach
+            to this model (``batch_crs``'s ``output``). The model is then left as it was before
+            the call, patched or not.
 
     Example:
         >>> names = approximate(model, "crs", sample_ratio=0.5)
@@ -151,20 +154,44 @@ def approximate(model: nn.Module, method: str | Method | Mapping | Sequence | Pi
     pipeline = make_pipeline(method, **hyperparameters)
     seed = check_seed("seed", seed)  # before anything is patched
     layers = select_layers(model, exclude)
+    sites = [LayerSite(name, index, pipeline, ConvGeometry.of(module) if isinstance(module, nn.Conv2d) else None, seed)
+             for index, (name, module) in enumerate(layers)]
+    previous = patched_sites(model)
+    had_hooks = bool(model.__dict__.get(_HOOKS))
     _remove_hooks(model)
-    sites = []
-    for index, (name, module) in enumerate(layers):
-        exact_cls = EXACT_CLASS.get(type(module), type(module))
-        geometry = ConvGeometry.of(module) if exact_cls is nn.Conv2d else None
-        module.__class__ = PATCHED_CLASS[exact_cls]
-        module.approx_site = LayerSite(name, index, pipeline, geometry, seed)
-        sites.append(module.approx_site)
     try:
-        model.__dict__[_HOOKS] = [h for m in pipeline.methods for h in m.attach(model, sites)]
+        # Before any layer changes class, so a method refusing this model leaves the layers as they were.
+        model.__dict__[_HOOKS] = _attach(model, pipeline, sites)
     except BaseException:
-        restore(model)  # nothing left half patched
+        if had_hooks and previous:  # the previous method's own hooks, as before the call
+            model.__dict__[_HOOKS] = _attach(model, previous[0].pipeline, previous)
         raise
+    chosen = {id(module) for _, module in layers}
+    for module in model.modules():
+        if type(module) in EXACT_CLASS and id(module) not in chosen:  # patched before, not selected now
+            _unpatch(module)
+    for (_, module), site in zip(layers, sites, strict=True):
+        module.__class__ = PATCHED_CLASS[EXACT_CLASS.get(type(module), type(module))]
+        module.approx_site = site
     return [name for name, _ in layers]
+
+
+def _attach(model: nn.Module, pipeline: Pipeline, sites: list[LayerSite]) -> list:
+    """The handles of every method's own hooks; none are left behind if one method fails."""
+    handles: list = []
+    try:
+        for method in pipeline.methods:
+            handles += method.attach(model, sites)
+    except BaseException:
+        for handle in reversed(handles):
+            handle.remove()
+        raise
+    return handles
+
+
+def _unpatch(module: nn.Module) -> None:
+    module.__class__ = EXACT_CLASS[type(module)]
+    module.__dict__.pop("approx_site", None)
 
 
 _HOOKS = "_approx_hooks"  # model attribute: the handles of the methods' own hooks (Method.attach)
@@ -183,10 +210,8 @@ def restore(model: nn.Module) -> list[str]:
     _remove_hooks(model)
     restored = []
     for name, module in model.named_modules():
-        exact_cls = EXACT_CLASS.get(type(module))
-        if exact_cls is not None:
-            module.__class__ = exact_cls
-            module.__dict__.pop("approx_site", None)
+        if type(module) in EXACT_CLASS:
+            _unpatch(module)
             restored.append(name)
     return restored
 

@@ -64,6 +64,35 @@ def test_an_exception_or_no_batches_changes_nothing():
     assert recalibrate_batch_norm(nn.Linear(2, 2), batches()) == 0  # nothing to recalibrate
 
 
+
+def test_frozen_batch_norms_and_every_modules_mode_are_kept():
+    net = bn_net().train()
+    net[1].eval()  # frozen, as when fine-tuning
+    net[2].eval()  # a module's own mode, which model.train(flag) would overwrite
+    before = statistics(net)
+    xs = batches()
+    assert recalibrate_batch_norm(net, xs) == len(xs)
+    assert all(torch.equal(a, b) for a, b in zip(before[:3], statistics(net)[:3], strict=True))
+    assert [m.training for m in net.modules()] == [True, True, False, False, True, True, True]
+    # The second one averages the statistics of the network with the first normalising by its own.
+    pre = [net[3](net[2](net[1](net[0](x)))) for x in xs]
+    torch.testing.assert_close(net[4].running_mean, torch.stack([p.mean((0, 2, 3)) for p in pre]).mean(0))
+
+
+def test_frozen_layers_can_be_named_and_are_checked():
+    net = bn_net().eval()
+    before = statistics(net)
+    assert recalibrate_batch_norm(net, batches(), frozen=[net[4]]) == 3
+    after = statistics(net)
+    assert not torch.equal(before[0], after[0])
+    assert all(torch.equal(a, b) for a, b in zip(before[3:], after[3:], strict=True))
+    assert recalibrate_batch_norm(net, batches(), frozen=[net[1], net[4]]) == 0  # nothing left to recalibrate
+    with pytest.raises(ConfigError, match=r"frozen\[0\]='Conv2d'.*Fix: list layers from"):
+        recalibrate_batch_norm(net, batches(), frozen=[net[0]])
+    with pytest.raises(ConfigError, match=r"frozen='BatchNorm2d'.*must be a list"):
+        recalibrate_batch_norm(net, batches(), frozen=net[1])
+    assert not any(m.training for m in net.modules())
+
 class BNClassifier(pl.LightningModule):
     def __init__(self):
         super().__init__()
@@ -115,6 +144,21 @@ def test_fit_ends_with_statistics_of_the_exact_network(tmp_path):
     assert not torch.allclose(plain.running_mean, ref.running_mean)
 
 
+
+class FrozenBN(BNClassifier):
+    def on_train_epoch_start(self):
+        self.body[1].eval()  # Lightning puts the model in training mode before each epoch
+
+
+def test_callback_leaves_batch_norms_frozen_during_training_untouched(tmp_path):
+    model = FrozenBN()
+    cb = ApproxBackward(ForwardSampling(sample_ratio=0.5), recalibrate_bn=2)
+    pl.Trainer(default_root_dir=tmp_path, accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False,
+               enable_progress_bar=False, enable_model_summary=False, callbacks=[cb]).fit(model, data(), data())
+    bn = model.body[1]
+    assert torch.equal(bn.running_mean, torch.zeros(8)) and torch.equal(bn.running_var, torch.ones(8))
+    assert int(bn.num_batches_tracked) == 0
+
 @pytest.mark.parametrize(("kwargs", "problem"), [
     ({"method": ForwardSampling(), "recalibrate_bn": -1}, "whole number"),
     ({"method": ForwardSampling(), "recalibrate_bn": True}, "whole number"),
@@ -137,9 +181,9 @@ def test_recalibrates_before_each_validation_and_not_twice_without_training(tmp_
     calls = []
     real = approx_backward.recalibrate_batch_norm
 
-    def spy(model, inputs):
+    def spy(model, inputs, **kwargs):
         calls.append((model.trainer.sanity_checking, model.trainer.validating, model.trainer.global_step))
-        return real(model, inputs)
+        return real(model, inputs, **kwargs)
 
     monkeypatch.setattr(approx_backward, "recalibrate_batch_norm", spy)
     fit(tmp_path, recalibrate_bn=1)

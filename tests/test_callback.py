@@ -152,6 +152,69 @@ def test_exclude_pattern_matching_nothing_fails_at_setup(tmp_path):
         trainer(tmp_path, [ApproxBackward("crs", exclude=["missing.*"])], max_epochs=1).fit(TinyCNN(), loader())
 
 
+
+class LateLayers(TinyCNN):
+    """Builds its layers in ``hook`` (the model of Lightning's docs for large models)."""
+
+    def __init__(self, hook):
+        pl.LightningModule.__init__(self)
+        self.hook, self.fail_at_step, self.seen_types = hook, None, []
+
+    def build(self):
+        if not hasattr(self, "conv"):
+            self.stem, self.conv = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+            self.fc = nn.Linear(8, 4)
+
+    def setup(self, stage):
+        if self.hook == "setup":
+            self.build()
+
+    def configure_model(self):
+        if self.hook == "configure_model":
+            self.build()
+
+
+@pytest.mark.parametrize("hook", ["setup", "configure_model"])
+def test_layers_built_after_the_callbacks_setup_are_refused_with_the_reason(tmp_path, hook):
+    with pytest.raises(ConfigError, match=r"model='LateLayers'.*configure_model\(\).*Fix: build the layers in") as err:
+        trainer(tmp_path, [ApproxBackward("crs")], max_epochs=1).fit(LateLayers(hook), loader())
+    assert err.value.field == "model" and "exclude" not in str(err.value)
+
+
+def test_excluding_every_layer_still_blames_exclude(tmp_path):
+    with pytest.raises(ConfigError, match=r"exclude='\*'.*leaves no Conv2d/Linear layer"):
+        trainer(tmp_path, [ApproxBackward("crs", exclude="*")], max_epochs=1).fit(TinyCNN(), loader())
+
+
+def test_a_second_approx_backward_is_refused_and_nothing_stays_patched(tmp_path):
+    model = TinyCNN()
+    callbacks = [ApproxBackward("crs"), ApproxBackward("grad_prune")]
+    with pytest.raises(ConfigError, match=r"method=\['grad_prune'\].*already patched.*Fix: use one ApproxBackward"):
+        trainer(tmp_path, callbacks, max_epochs=1).fit(model, loader())
+    assert type(model.conv) is nn.Conv2d and not hasattr(model.conv, "approx_site") and model.seen_types == []
+
+
+class Evaluated(TinyCNN):
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val/loss", nn.functional.cross_entropy(self(x), y))
+
+    def test_step(self, batch, batch_idx):
+        self.validation_step(batch, batch_idx)
+
+
+def test_one_callback_serves_repeated_fits_trainers_and_evaluations(tmp_path):
+    model, cb = Evaluated(), ApproxBackward("crs", sample_ratio=0.5)
+    t = trainer(tmp_path, [cb], max_epochs=1, enable_checkpointing=False)
+    t.fit(model, loader(), loader())
+    t.fit_loop.max_epochs = 2
+    t.fit(model, loader(), loader())  # the same Trainer again
+    t.validate(model, loader())
+    t.test(model, loader())
+    trainer(tmp_path / "other", [cb], max_epochs=1, enable_checkpointing=False).fit(model, loader())  # another Trainer
+    assert model.seen_types == [ApproxConv2d] * 12 and cb.layer_names == ["conv"]
+    assert type(model.conv) is nn.Conv2d and not hasattr(model.conv, "approx_site")
+
 def test_gradient_fidelity_is_logged_on_probe_steps(tmp_path):
     cb = ApproxBackward("crs", sample_ratio=0.5, fidelity_every_n_steps=2)
     trainer(tmp_path, [cb], max_epochs=1).fit(TinyCNN(), loader())

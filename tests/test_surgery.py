@@ -75,6 +75,42 @@ def test_patching_twice_replaces_the_method_without_wrapping():
     assert type(model.body[0]) is nn.Conv2d
 
 
+
+def test_repatching_with_a_narrower_selection_restores_the_layers_left_out():
+    model = Net()
+    approximate(model, "crs", exclude=None)
+    assert approximate(model, "grad_prune") == ["body.0", "body.2", "hidden"]
+    assert type(model.stem) is nn.Conv2d and type(model.fc) is nn.Linear
+    assert not hasattr(model.stem, "approx_site") and not hasattr(model.fc, "approx_site")
+    assert {s.name: [m.name for m in s.pipeline.methods] for s in patched_sites(model)} == {
+        "body.0": ["grad_prune"], "body.2": ["grad_prune"], "hidden": ["grad_prune"]}
+
+
+class BNNet(Net):
+    def __init__(self):
+        super().__init__()
+        self.body.insert(1, nn.BatchNorm2d(8))
+
+
+@pytest.mark.parametrize("first", ["crs", "batch_crs", None])
+def test_a_failed_repatch_leaves_the_model_as_it_was(first):
+    from lightning_approx.methods import BatchCRS
+
+    model = BNNet()
+    if first is not None:
+        approximate(model, first if first == "crs" else BatchCRS(batch_norm="scale"), exclude="stem")
+    classes = {n: type(m) for n, m in model.named_modules()}
+    sites = {n: m.__dict__.get("approx_site") for n, m in model.named_modules()}
+    hooks = {n: len(m._forward_hooks) for n, m in model.named_modules()}
+    with pytest.raises(ConfigError, match=r"batch_crs\.output='nope'"):
+        approximate(model, BatchCRS(output="nope"), exclude=None)
+    assert {n: type(m) for n, m in model.named_modules()} == classes
+    assert all(m.__dict__.get("approx_site") is sites[n] for n, m in model.named_modules())
+    assert {n: len(m._forward_hooks) for n, m in model.named_modules()} == hooks
+    model(torch.randn(4, 3, 8, 8)).sum().backward()  # still trains as before
+    restore(model)
+    assert patched_sites(model) == [] and type(model.body[1]) is nn.BatchNorm2d
+
 def test_restore_unpatched_model_is_a_no_op():
     model = Net()
     ref = {k: v.clone() for k, v in model.state_dict().items()}

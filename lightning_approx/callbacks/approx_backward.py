@@ -26,6 +26,8 @@ class ApproxBackward(Callback):
     at fit end (and when fit raises).
 
     The layers keep their parameters, so the optimizer, DDP and checkpoints need no change.
+    They must exist at the callback's setup, so build them in the LightningModule's
+    ``__init__``; and one ApproxBackward per Trainer: combine methods in a list.
     Each training step moves the method's schedules to the current progress (fractional
     epoch and global step, which Lightning restores on resume) and logs:
 
@@ -61,7 +63,8 @@ class ApproxBackward(Callback):
             (``forward_sampling``): before every validation of the fit and at the end of
             training, recompute batch norm's running statistics from this many training
             batches run through the exact layers (no gradients), because training updated them
-            on the sampled forward while evaluation runs the exact one. 0: never. Each batch
+            on the sampled forward while evaluation runs the exact one. Batch norms in eval mode
+            during the training steps (frozen) keep their statistics. 0: never. Each batch
             goes through the Trainer's batch-transfer hooks, and its first element (or the
             batch itself, when it is a tensor) is passed to the LightningModule.
 
@@ -103,6 +106,7 @@ class ApproxBackward(Callback):
                               "give 0, or use a method that samples the forward (forward_sampling)")
         self.recalibrate_bn = recalibrate_bn
         self._recalibrated_at: int | None = None  # global step of the last recalibration
+        self._frozen_bn: list[torch.nn.Module] | None = None  # batch norms in eval mode during training
         self.layer_names: list[str] = []
         self.totals = WorkCounter()  # whole fit, for summaries
         self._pending_rng: dict[str, Any] | None = None
@@ -120,6 +124,19 @@ class ApproxBackward(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        if not any(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in pl_module.modules()):
+            # Otherwise select_layers would blame ``exclude`` for leaving nothing to approximate.
+            raise ConfigError("model", type(pl_module).__name__, "has no Conv2d/Linear layer at ApproxBackward's "
+                              "setup: layers built in LightningModule.setup() or configure_model() are created after "
+                              "the callbacks' setup, so none of them would be approximated",
+                              "build the layers in the LightningModule's __init__")
+        if patched_sites(pl_module):
+            # A second patch would silently replace the first callback's method while it keeps logging.
+            raise ConfigError("method", [m.name for m in self.pipeline.methods],
+                              "the model's layers are already patched (another ApproxBackward on this Trainer, or "
+                              "approximate() called before fit)", "use one ApproxBackward with a list of methods that "
+                              "compose, e.g. method=['relu_mask', 'crs'], and call restore(model) before fit if you "
+                              "patched it yourself")
         self.layer_names = approximate(pl_module, self.pipeline, exclude=self.exclude, seed=self.seed)
         self._model = pl_module
         self.totals.reset()
@@ -129,6 +146,7 @@ class ApproxBackward(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._recalibrated_at = None
+        self._frozen_bn = None
         if self.recalibrate_bn == 0 and self.pipeline.forward_method is not None and batch_norms(pl_module):
             rank_zero_warn(f"ApproxBackward: {self.pipeline.forward_method.name!r} trains batch norm's running "
                            "statistics on the sampled forward, while evaluation runs the exact layers; set "
@@ -165,7 +183,8 @@ class ApproxBackward(Callback):
         """Recomputes the running statistics, unless no training step ran since the last time."""
         if not self.recalibrate_bn or self._model is None or self._recalibrated_at == trainer.global_step:
             return
-        recalibrate_batch_norm(pl_module, training_inputs(trainer, pl_module, self.recalibrate_bn))
+        inputs = training_inputs(trainer, pl_module, self.recalibrate_bn)
+        recalibrate_batch_norm(pl_module, inputs, frozen=self._frozen_bn)
         self._recalibrated_at = trainer.global_step
 
     # --- schedules, accounting, logging ---------------------------------------------------
@@ -181,6 +200,9 @@ class ApproxBackward(Callback):
                              batch_idx: int) -> None:
         self._progress = self.progress(trainer, batch_idx)
         self.pipeline.update(self._progress)
+        if self.recalibrate_bn:
+            # Validation puts every module in eval mode, so which batch norms the user froze is read here.
+            self._frozen_bn = [m for m in batch_norms(pl_module) if not m.training]
         probe = self.fidelity_every_n_steps > 0 and trainer.global_step % self.fidelity_every_n_steps == 0
         for site in patched_sites(pl_module):
             site.work.reset()
