@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lightning_approx.models import build_model
+from lightning_approx.models import MODELS, build_model
 from lightning_approx.ops.conv import ConvGeometry
-from lightning_approx.runs import write_json
+from lightning_approx.runs import check_device, non_negative_int, positive_int, script_main, write_json
 
 _aten = torch.ops.aten
 PRODUCTS = ("forward", "input_grad", "weight_grad")
@@ -127,20 +127,20 @@ def table(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="resnet20")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--model", default="resnet20", choices=sorted(MODELS))
+    p.add_argument("--batch-size", type=positive_int, default=128)
+    p.add_argument("--image-size", type=positive_int, default=32)
+    p.add_argument("--num-classes", type=positive_int, default=10)
     p.add_argument("--fraction", type=float, default=0.5, help="share of the channels / batch kept, in (0, 1)")
-    p.add_argument("--reps", type=int, default=30)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--reps", type=positive_int, default=30)
+    p.add_argument("--warmup", type=non_negative_int, default=3)
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     if not 0 < args.fraction < 1:
         p.error(f"--fraction {args.fraction}: give the share of channels kept, in (0, 1), e.g. 0.5")
-    device = torch.device(args.device)
+    device = check_device("--device", args.device)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     model = build_model(args.model, num_classes=args.num_classes).to(device)
     rows = []
@@ -162,4 +162,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main)

@@ -38,7 +38,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning_approx import ApproxBackward, ApproxDDPStrategy
 from lightning_approx.classifier import ImageClassifier
 from lightning_approx.data import CIFAR10DataModule
-from lightning_approx.runs import write_json
+from lightning_approx.runs import non_negative_int, positive_int, script_main, write_json
 
 DATA = Path(__file__).resolve().parents[1] / "examples" / "data" / "cifar10-subset"
 
@@ -182,23 +182,25 @@ def table(rows: list[dict[str, Any]], part: str) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("part", choices=["bytes", "time"])
     parser.add_argument("--models", nargs="+", default=["resnet20", "resnet50"], help="bytes: the models")
     parser.add_argument("--model", default="resnet20", help="time: the model")
     parser.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), help="default: all of the part's")
-    parser.add_argument("--batch-size", type=int, default=16, help="per rank")
-    parser.add_argument("--steps", type=int, default=3, help="bytes: synchronizations per fit; time: timed steps")
-    parser.add_argument("--warmup", type=int, default=3, help="time: untimed steps first")
-    parser.add_argument("--repeats", type=int, default=2, help="time: rounds over the configurations")
-    parser.add_argument("--block-size", type=int, default=1024)
-    parser.add_argument("--resnet50-size", type=int, default=64, help="input size of ResNet-50/18 (upsampled)")
-    parser.add_argument("--num-classes", type=int, default=0, help="0: each model's own classifier size")
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="per rank")
+    parser.add_argument("--steps", type=positive_int, default=3,
+                        help="bytes: synchronizations per fit; time: timed steps")
+    parser.add_argument("--warmup", type=non_negative_int, default=3, help="time: untimed steps first")
+    parser.add_argument("--repeats", type=positive_int, default=2, help="time: rounds over the configurations")
+    parser.add_argument("--block-size", type=positive_int, default=1024)
+    parser.add_argument("--resnet50-size", type=positive_int, default=64,
+                        help="input size of ResNet-50/18 (upsampled)")
+    parser.add_argument("--num-classes", type=non_negative_int, default=0, help="0: each model's own classifier size")
     parser.add_argument("--accelerator", default="cpu")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    parser.add_argument("--threads", type=positive_int, default=1, help="torch threads per process")
     parser.add_argument("--json", type=Path)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.image_size = {"resnet50": args.resnet50_size, "resnet18": args.resnet50_size}
     torch.set_num_threads(args.threads)
     rows = run_bytes(args) if args.part == "bytes" else run_time(args)
@@ -212,4 +214,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main)

@@ -33,9 +33,9 @@ from torch import nn
 import lightning_approx.methods.forward_sampling as forward_sampling
 from lightning_approx import approximate
 from lightning_approx.methods import parse_spec
-from lightning_approx.models import build_model
+from lightning_approx.models import MODELS, build_model
 from lightning_approx.ops.conv import ConvGeometry
-from lightning_approx.runs import write_json
+from lightning_approx.runs import non_negative_int, positive_int, script_main, write_json
 
 # (namespace, attribute, piece): the calls of ForwardSampling.conv2d_forward, as its module sees them.
 PIECES = [
@@ -172,12 +172,12 @@ def table(result: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variant", default="forward_sampling", help="forward_sampling, with settings")
-    p.add_argument("--model", default="resnet20")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--model", default="resnet20", choices=sorted(MODELS))
+    p.add_argument("--batch-size", type=positive_int, default=128)
     p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--steps", type=positive_int, default=20)
+    p.add_argument("--warmup", type=non_negative_int, default=3)
+    p.add_argument("--threads", type=positive_int, help="torch threads (default: torch's choice)")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     if args.threads:
@@ -191,4 +191,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main)

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lightning_approx.runs import write_json
+from lightning_approx.runs import script_main, write_json
 
 WORKLOADS = {  # model -> (image size, batch size, classes)
     "resnet20": (32, 256, 10),
@@ -173,4 +173,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main)

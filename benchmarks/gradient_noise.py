@@ -38,9 +38,9 @@ from torch import nn
 from lightning_approx import approximate
 from lightning_approx.data.cifar10 import CIFAR10DataModule
 from lightning_approx.methods import parse_spec
-from lightning_approx.models import build_model
+from lightning_approx.models import MODELS, build_model
 from lightning_approx.ops.fidelity import fidelity
-from lightning_approx.runs import write_json
+from lightning_approx.runs import check_spec, non_negative_int, positive_int, script_main, seed_value, write_json
 
 DATA = Path(__file__).resolve().parents[1] / "examples" / "data" / "cifar10-subset"
 HALF_BATCH, OTHER_BATCH = "exact, half of the batch", "exact, another batch"
@@ -160,20 +160,22 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--variants", nargs="+", default=["crs", "crs:grads=weight", "topk", "bernoulli_crs",
                                                           "forward_sampling", "grad_prune", "patch_grad"],
                         help="method specs, as step_time.py takes them (crs:sample_ratio=0.25, relu_mask+crs)")
-    parser.add_argument("--model", default="resnet20")
+    parser.add_argument("--model", default="resnet20", choices=sorted(MODELS))
     parser.add_argument("--data-dir", type=Path, default=DATA)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--train-steps", type=int, default=80, help="exact SGD steps before measuring")
+    parser.add_argument("--batch-size", type=positive_int, default=128)
+    parser.add_argument("--train-steps", type=non_negative_int, default=80, help="exact SGD steps before measuring")
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--draws", type=int, default=16)
-    parser.add_argument("--growth-steps", type=int, default=0,
+    parser.add_argument("--growth-steps", type=non_negative_int, default=0,
                         help="then train every variant this many steps and compare weight norms (0: skip)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_value, default=0)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     if args.draws < 2:
         parser.error(f"--draws {args.draws}: the medians and the mean of the draws need at least 2; give --draws 2 "
                      "or more")
+    for spec in args.variants:  # before the exact warm-up, not after it
+        check_spec("--variants", spec)
     result = run(args)
     print(table(result))
     write_json(args.json, result)
@@ -181,4 +183,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main)

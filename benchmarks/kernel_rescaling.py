@@ -22,7 +22,6 @@ On a shared machine, run one seed at a time when it is idle and merge the result
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -38,8 +37,17 @@ from typing_extensions import override
 from lightning_approx import ApproxBackward, KernelRescaling
 from lightning_approx.classifier import ImageClassifier
 from lightning_approx.data.cifar10 import CIFAR10DataModule
+from lightning_approx.errors import ConfigError
+from lightning_approx.models import MODELS
 from lightning_approx.ops.rescale import resize_images
-from lightning_approx.runs import write_json
+from lightning_approx.runs import (
+    load_json,
+    positive_count_or_fraction,
+    positive_int,
+    script_main,
+    seed_value,
+    write_json,
+)
 from lightning_approx.schedules import Progress
 from lightning_approx.summary import RunSummary
 
@@ -181,29 +189,49 @@ def switch_table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def model_spec(text: str) -> tuple[str, int, int]:
+    """``--specs``: ``model:input size:epochs`` (``resnet20:32:6``) -> ``("resnet20", 32, 6)``."""
+    fix = f"write model:input size:epochs, e.g. resnet20:32:6, with a model of {sorted(MODELS)}"
+    parts = text.split(":")
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError(f"{text!r} has {len(parts)} part(s), not 3; {fix}")
+    name, size, epochs = parts
+    if name not in MODELS:
+        raise argparse.ArgumentTypeError(f"{text!r}: unknown model {name!r}; {fix}")
+    if not (size.isdigit() and int(size) > 0 and epochs.isdigit() and int(epochs) > 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: the input size and epochs must be positive whole numbers; {fix}")
+    return name, int(size), int(epochs)
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--specs", nargs="+", default=["resnet20:32:6", "resnet18:64:4"],
-                   help="model:input size:epochs for each model measured")
+    p.add_argument("--specs", nargs="+", type=model_spec, default=[("resnet20", 32, 6), ("resnet18", 64, 4)],
+                   help="model:input size:epochs for each model measured (default: resnet20:32:6 "
+                        "resnet18:64:4)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--seeds", nargs="+", type=seed_value, default=[0, 1, 2])
     p.add_argument("--scale", type=float, default=0.5)
     p.add_argument("--fraction", type=float, default=0.5, help="part of the epochs at low resolution")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=positive_int, default=128)
     p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--limit-train-batches", type=float, default=1.0)
+    p.add_argument("--limit-train-batches", type=positive_count_or_fraction, default=1.0,
+                   help="batches per epoch: a count (10) or a fraction (0.25; 1.0 is all)")
     p.add_argument("--data-dir", type=Path, default=DATA)
     p.add_argument("--json", type=Path)
     p.add_argument("--merge", nargs="+", type=Path, help="print the tables of earlier --json files, run nothing")
     args = p.parse_args(argv)
     if args.merge:
         return merge(args.merge, args.json)
+    if any("kr" in variant for variant in args.variants):
+        try:  # built again per run: the callback keeps state across a fit
+            KernelRescaling(scale=args.scale, fraction=args.fraction)
+        except ConfigError as e:
+            raise ConfigError(f"--{e.field}", e.value, e.problem, e.fix) from e
     runs = []
-    for spec in args.specs:
-        model_name, size, epochs = spec.split(":")
+    for model_name, size, epochs in args.specs:
         for seed in args.seeds:
             for variant in args.variants:
-                runs.append(train(model_name, int(size), int(epochs), variant, seed, args))
+                runs.append(train(model_name, size, epochs, variant, seed, args))
                 r = runs[-1]
                 print(f"{model_name} {variant} seed {seed}: {100 * r['test_acc']:.2f}% in {r['fit_s']:.1f}s "
                       f"step ms {r['step_ms']}", file=sys.stderr, flush=True)
@@ -221,7 +249,14 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def merge(paths: list[Path], out_path: Path | None) -> dict:
-    parts = [json.loads(path.read_text()) for path in paths]
+    parts = [load_json("--merge", path, keys=["command", "header", "runs"]) for path in paths]
+    for path, part in zip(paths, parts, strict=True):
+        if not isinstance(part["runs"], list) or not all(isinstance(r, dict) and r.get("variant") in VARIANTS
+                                                         and {"model", "size", "epochs", "seed"} <= r.keys()
+                                                         for r in part["runs"]):
+            raise ConfigError("--merge", str(path), "has runs that are not this script's (each needs model, size, "
+                              f"epochs, seed and a variant of {list(VARIANTS)})",
+                              "give files this script wrote with --json")
     runs = sorted((r for part in parts for r in part["runs"]),
                   key=lambda r: (r["model"] != "resnet20", r["model"], r["seed"], VARIANTS.index(r["variant"])))
     for part in parts:
@@ -235,4 +270,4 @@ def merge(paths: list[Path], out_path: Path | None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main)

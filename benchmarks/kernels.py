@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from lightning_approx.runs import write_json
+from lightning_approx.runs import script_main, write_json
 
 # A case builds its tensors and returns (kernel call, reference call, floor bytes, a tensor to describe).
 Case = Callable[[], tuple[Callable[[], object], Callable[[], object], int, Tensor]]
@@ -267,4 +267,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main)

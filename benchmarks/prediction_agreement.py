@@ -27,7 +27,8 @@ from torch import Tensor
 
 from lightning_approx.classifier import ImageClassifier
 from lightning_approx.data.cifar10 import CIFAR10DataModule
-from lightning_approx.runs import write_json
+from lightning_approx.errors import ConfigError
+from lightning_approx.runs import script_main, write_json
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / "examples" / "data" / "cifar10-subset"
 
@@ -68,6 +69,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     if len(args.checkpoints) % 2:
         p.error(f"--checkpoints takes pairs; got {len(args.checkpoints)} paths: add the missing one or drop one")
+    for path in args.checkpoints:  # all of them before the first is evaluated
+        if not path.is_file():
+            raise ConfigError("--checkpoints", str(path), "no such file" if not path.exists() else "is not a file",
+                              "give checkpoints (.ckpt) of ImageClassifier runs, e.g. from lightning-approx fit")
     data = CIFAR10DataModule(data_dir=args.data_dir, batch_size=256)
     data.setup("test")
     pairs = []
@@ -87,4 +92,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main)

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import os
 import platform
@@ -55,9 +54,18 @@ import torch
 from torch import nn
 
 from lightning_approx import approximate
+from lightning_approx.errors import ConfigError
 from lightning_approx.methods import parse_spec
-from lightning_approx.models import build_model
-from lightning_approx.runs import write_json
+from lightning_approx.models import MODELS, build_model
+from lightning_approx.runs import (
+    check_device,
+    check_spec,
+    load_json,
+    non_negative_int,
+    positive_int,
+    script_main,
+    write_json,
+)
 from lightning_approx.surgery import patched_sites
 
 DEFAULT_VARIANTS = ["crs:sample_ratio=0.5", "crs:sample_ratio=0.25"]
@@ -361,32 +369,47 @@ def layer_table(result: dict, variant: str) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="resnet20")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--model", default="resnet20", choices=sorted(MODELS))
+    p.add_argument("--batch-size", type=positive_int, default=128)
+    p.add_argument("--image-size", type=positive_int, default=32)
+    p.add_argument("--num-classes", type=positive_int, default=10)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--channels-last", action="store_true", help="model and input in channels-last memory format")
     p.add_argument("--variants", nargs="*", default=DEFAULT_VARIANTS,
                    help="method[:key=value,...], several joined by '+'; 'all': every method (exact and default "
                         "settings)")
-    p.add_argument("--steps", type=int, default=30, help="timed rounds (median over them)")
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--block", type=int, default=1,
+    p.add_argument("--steps", type=positive_int, default=30, help="timed rounds (median over them)")
+    p.add_argument("--warmup", type=non_negative_int, default=5)
+    p.add_argument("--block", type=positive_int, default=1,
                    help="consecutive steps of one variant per round (1: every step interleaved; more: each "
                         "variant also runs after itself, as in training, and the allocator settles to its pattern)")
-    p.add_argument("--layer-steps", type=int, default=5, help="extra hook-timed rounds for the per-layer table")
+    p.add_argument("--layer-steps", type=non_negative_int, default=5,
+                   help="extra hook-timed rounds for the per-layer table (0: none)")
     p.add_argument("--layers-of", nargs="*", default=None,
                    help="variants whose per-layer table is printed (default: the first approximate one)")
-    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all of the machine's)")
+    p.add_argument("--threads", type=positive_int, default=os.cpu_count(),
+                   help="torch threads (default: all of the machine's)")
     p.add_argument("--json", type=Path, help="write the result here")
     p.add_argument("--compare", type=Path, help="a saved result to compare step times against")
     args = p.parse_args(argv)
     if args.variants == ["all"]:
         args.variants = ALL_VARIANTS
+    # Everything a finished run would need, checked before it starts.
+    unknown = [v for v in args.layers_of or [] if v not in ["exact", *args.variants]]
+    if unknown:
+        p.error(f"argument --layers-of: {unknown} are not among the timed variants {['exact', *args.variants]}; "
+                "name variants given to --variants (or exact)")
+    for spec in args.variants:
+        check_spec("--variants", spec)
+    check_device("--device", args.device)
+    reference = load_json("--compare", args.compare, keys=["medians"]) if args.compare else None
+    if reference is not None and (not isinstance(reference["medians"], dict) or not all(
+            isinstance(m, dict) and "step" in m for m in reference["medians"].values())):
+        raise ConfigError("--compare", str(args.compare), "has no step time per variant (medians.<variant>.step)",
+                          "give a file this script wrote with --json")
     torch.set_num_threads(args.threads)
     result = run(args)
-    reference = json.loads(args.compare.read_text()) if args.compare else None
+    write_json(args.json, result)  # first: a failure while printing loses no measurement
     print(f"{result['model']}, batch {result['batch_size']}, {result['memory_format']}, {result['device']}, "
           f"{result['threads']} threads, "
           f"torch {result['torch']}, median of {result['steps']} steps after {result['warmup']} warm-up")
@@ -398,9 +421,8 @@ def main(argv: list[str] | None = None) -> dict:
         for variant in args.layers_of if args.layers_of is not None else args.variants[:1]:
             print(f"\nPer layer, {variant} (median of {args.layer_steps} hook-timed rounds, ms):")
             print(layer_table(result, variant))
-    write_json(args.json, result)
     return result
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import statistics
@@ -43,7 +42,18 @@ import cifar10
 
 from lightning_approx import cli
 from lightning_approx.errors import ConfigError
-from lightning_approx.runs import config_label, write_json
+from lightning_approx.runs import (
+    approx_callbacks,
+    check_spec,
+    config_label,
+    load_json,
+    load_yaml,
+    positive_int,
+    recipe_callbacks,
+    script_main,
+    seed_value,
+    write_json,
+)
 from lightning_approx.summary import RunResult
 
 # Every run of a --configs comparison: quiet, nothing written, validation after every epoch
@@ -54,8 +64,11 @@ QUIET = ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
 
 
 def check_configs(configs: list[Path]) -> None:
-    """Each config names one table row, and the configs may differ only in their trainer
-    callbacks: the exact baseline is built from the first one, so it must be every config's."""
+    """Each config is a YAML file whose approximation callbacks build, names one table row, and
+    the configs may differ only in their trainer callbacks: the exact baseline is built from the
+    first one, so it must be every config's. All of it before the first run."""
+    for path in configs:
+        load_yaml("--configs", path)
     labels = [config_label(path) for path in configs]
     for path, label in zip(configs, labels, strict=True):
         if label == "exact" or labels.count(label) > 1:
@@ -64,8 +77,13 @@ def check_configs(configs: list[Path]) -> None:
                               "drop the exact config, and give each config its own name")
 
     def rest(path: Path) -> dict:
-        cfg = OmegaConf.to_container(OmegaConf.load(path))
-        cfg.get("trainer", {}).pop("callbacks", None)
+        cfg = load_yaml("--configs", path)
+        if not isinstance(cfg, dict):
+            raise ConfigError("--configs", str(path), f"holds a YAML {type(cfg).__name__}, not a LightningCLI "
+                              "config", "give a config such as examples/configs/cifar10_resnet20_crs.yaml")
+        trainer = cfg.get("trainer")
+        if isinstance(trainer, dict):
+            trainer.pop("callbacks", None)
         return cfg
 
     first = rest(configs[0])
@@ -74,6 +92,11 @@ def check_configs(configs: list[Path]) -> None:
             raise ConfigError("--configs", str(path), f"differs from {configs[0]} in more than trainer.callbacks, "
                               "so the exact baseline of the first config is not its baseline",
                               "compare configs that share model, data, optimizer and trainer settings")
+    for path in configs:  # the approximations, which the exact baseline (run first) does not build
+        try:
+            recipe_callbacks(path, seed=0, required=False)
+        except ConfigError as e:
+            raise ConfigError("--configs", str(path), e.problem, e.fix) from e
 
 
 def run_configs(configs: list[Path], seed: int, overrides: list[str]) -> list[RunResult]:
@@ -96,15 +119,35 @@ def run_configs(configs: list[Path], seed: int, overrides: list[str]) -> list[Ru
     return [results[label] for label, _ in runs]
 
 
+def method_argv(method: str | None, seed: int, args: argparse.Namespace) -> list[str]:
+    """``examples/cifar10.py``'s arguments for one run: exact for ``None``, else ``--method method``."""
+    return ["approx" if method else "exact", "--epochs", str(args.epochs), "--model", args.model,
+            "--batch-size", str(args.batch_size), "--seed", str(seed), "--val-every", "1",
+            *(["--method", method] if method else []), *args.overrides]
+
+
+def check_methods(args: argparse.Namespace) -> None:
+    """Before the first run: the example takes every run's arguments (``--set`` included), and
+    every method builds, so no comparison stops at a method after its exact runs."""
+    for method in [None, *args.methods]:
+        flags = cifar10.parse_args(method_argv(method, args.seeds[0], args))  # a bad --set flag exits here
+        if flags.limit_eval_batches == 0:
+            raise ConfigError("--set", " ".join(args.overrides), "--limit-eval-batches 0 leaves the runs without the "
+                              "test accuracy this benchmark compares", "drop it, or give a count such as 2")
+        if method is None:
+            continue
+        if method.endswith((".yaml", ".yml")):
+            approx_callbacks(method, args.seeds[0])  # its errors name the file and the entry
+        else:
+            check_spec("--methods", method)
+
+
 def run_methods(methods: list[str], seed: int, args: argparse.Namespace) -> list[RunResult]:
     """Exact, then every short spec, through ``examples/cifar10.py`` from ``seed``; ``args.overrides``
     (``--set``) are that script's flags, added to every run."""
     results = []
     for method in [None, *methods]:
-        argv = ["approx" if method else "exact", "--epochs", str(args.epochs), "--model", args.model,
-                "--batch-size", str(args.batch_size), "--seed", str(seed), "--val-every", "1",
-                *(["--method", method] if method else []), *args.overrides]
-        (result,) = cifar10.main(argv)
+        (result,) = cifar10.main(method_argv(method, seed, args))
         results.append(result)
     return results
 
@@ -167,10 +210,21 @@ def table(rows: list[dict]) -> str:
 
 
 def load(path: Path) -> dict[str, list[RunResult]]:
-    """The runs of a JSON file this script wrote."""
-    runs = json.loads(path.read_text())["runs"]
-    return {name: [RunResult(**{**r, "curve": [tuple(p) for p in r["curve"]]}) for r in rs]
-            for name, rs in runs.items()}
+    """The runs of a JSON file this script wrote.
+
+    Raises:
+        ConfigError: The file is missing or is not such a file (no header, no exact runs, runs
+            without the fields of a :class:`RunResult`).
+    """
+    runs = load_json("--merge", path, keys=["header", "runs"])["runs"]
+    fix = "give files this script wrote with --json"
+    if not isinstance(runs, dict) or not isinstance(runs.get("exact"), list) or not runs["exact"]:
+        raise ConfigError("--merge", str(path), "has no exact runs under 'runs'", fix)
+    try:
+        return {name: [RunResult(**{**r, "curve": [tuple(p) for p in r["curve"]]}) for r in rs]
+                for name, rs in runs.items()}
+    except (TypeError, KeyError) as e:
+        raise ConfigError("--merge", str(path), f"has a run that is not a saved result ({e!r})", fix) from e
 
 
 def merge(paths: list[Path]) -> tuple[list[dict], dict[str, list[RunResult]], list[str]]:
@@ -183,8 +237,8 @@ def merge(paths: list[Path]) -> tuple[list[dict], dict[str, list[RunResult]], li
     rows: list[dict] = []
     results: dict[str, list[RunResult]] = {}
     notes = []
-    for i, path in enumerate(paths):
-        runs = load(path)
+    loaded = [load(path) for path in paths]  # every file checked before anything is printed
+    for i, (path, runs) in enumerate(zip(paths, loaded, strict=True)):
         exact = runs["exact"]
         notes.append(f"{path}: exact test acc {', '.join(f'{100 * r.test_acc:.2f}' for r in exact)} %, "
                      f"training {statistics.mean(map(train_s, exact)):.1f} s")
@@ -235,10 +289,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--set", nargs=argparse.REMAINDER, default=[], dest="overrides",
                    help="overrides for every run, last on the line: the CLI's for --configs (--set "
                         "--trainer.max_epochs 2), examples/cifar10.py's for --methods (--set --limit-train-batches 2)")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--epochs", type=int, default=15, help="(--methods) epochs; a config sets its own")
+    p.add_argument("--seeds", nargs="+", type=seed_value, default=[0, 1, 2])
+    p.add_argument("--epochs", type=positive_int, default=15, help="(--methods) epochs; a config sets its own")
     p.add_argument("--model", default="resnet20", help="(--methods) the model; a config sets its own")
-    p.add_argument("--batch-size", type=int, default=128, help="(--methods) batch size; a config sets its own")
+    p.add_argument("--batch-size", type=positive_int, default=128,
+                   help="(--methods) batch size; a config sets its own")
     p.add_argument("--json", type=Path)
     p.add_argument("--plot", type=Path)
     args = p.parse_args(argv)
@@ -246,7 +301,7 @@ def main(argv: list[str] | None = None) -> dict:
         p.error("--set applies to runs, not to --merge")
     if args.merge:
         rows, results, notes = merge(args.merge)
-        headers = [json.loads(path.read_text())["header"] for path in args.merge]
+        headers = [load_json("--merge", path, keys=["header"])["header"] for path in args.merge]
         header = headers[0] if len(headers) == 1 else "merged: " + "; ".join(headers)
         print(header, *notes, table(rows), sep="\n")
         if args.plot:
@@ -254,10 +309,13 @@ def main(argv: list[str] | None = None) -> dict:
         return {"header": header, "notes": notes, "rows": rows}
     if args.configs:
         check_configs(args.configs)
+    else:
+        args.methods = args.methods or ["crs:sample_ratio=0.5"]
+        check_methods(args)
     results: dict[str, list[RunResult]] = {}
     for seed in args.seeds:
         runs = run_configs(args.configs, seed, args.overrides) if args.configs else \
-            run_methods(args.methods or ["crs:sample_ratio=0.5"], seed, args)
+            run_methods(args.methods, seed, args)
         for result in runs:
             results.setdefault(result.name, []).append(result)
             print(f"seed {seed} {result.name}: {100 * result.test_acc:.2f}% in {result.wall_clock_s:.1f}s",
@@ -284,4 +342,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main)

@@ -21,13 +21,11 @@ examples/configs/ the same way (its approximation callbacks; this script's flags
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from lightning_approx.classifier import ImageClassifier
 from lightning_approx.data.cifar10 import CIFAR10DataModule
-from lightning_approx.errors import ConfigError
-from lightning_approx.runs import add_run_arguments, run_modes
+from lightning_approx.runs import add_run_arguments, run_modes, script_main
 from lightning_approx.summary import RunResult
 
 DEFAULT_DATA = Path(__file__).resolve().parent / "data" / "cifar10-subset"
@@ -35,7 +33,8 @@ DEFAULT_RECIPE = Path(__file__).resolve().parent / "configs" / "cifar10_resnet20
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=Path(__file__).name, description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(p, epochs=8, batch_size=128, lr=0.05, method=str(DEFAULT_RECIPE))
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
     p.add_argument("--download", action="store_true", help="download the official archive into --data-dir")
@@ -44,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> list[RunResult]:
+def run(argv: list[str] | None = None) -> list[RunResult]:
     args = parse_args(argv)
 
     def build() -> tuple[ImageClassifier, CIFAR10DataModule]:
@@ -54,11 +53,12 @@ def main(argv: list[str] | None = None) -> list[RunResult]:
 
     title = (f"CIFAR-10 ({args.data_dir.name}), {args.model}, batch {args.batch_size}, {args.epochs} epochs, "
              f"seed {args.seed}")
-    try:
-        return run_modes(args, build, title)
-    except ConfigError as e:
-        print(f"cifar10.py: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from e
+    return run_modes(args, build, title)
+
+
+def main(argv: list[str] | None = None) -> list[RunResult]:
+    """:func:`run`; a bad setting ends it with one line, ``cifar10.py: error: ...``, and exit status 2."""
+    return script_main(run, argv)
 
 
 if __name__ == "__main__":

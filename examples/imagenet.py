@@ -16,35 +16,46 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 import torch
 
 from lightning_approx.classifier import ImageClassifier
 from lightning_approx.data.imagenet import ImageNetDataModule
-from lightning_approx.errors import ConfigError
-from lightning_approx.runs import add_run_arguments, run_modes
+from lightning_approx.runs import add_run_arguments, non_negative_int, positive_int, run_modes, script_main
 from lightning_approx.summary import RunResult
+
+# Lightning's precision settings ("auto" is this script's: 16-mixed on a GPU, 32-true on the CPU).
+PRECISIONS = ["auto", "16-mixed", "bf16-mixed", "32-true", "16-true", "bf16-true", "64-true"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=Path(__file__).name, description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(p, epochs=1, batch_size=64)
     p.add_argument("--data-dir", type=Path, help="folder holding train/ and val/ (not needed with --synthetic)")
     p.add_argument("--synthetic", action="store_true", help="random images: measure throughput without data")
-    p.add_argument("--synthetic-size", type=int, default=1_281_167, help="training images per epoch with --synthetic")
-    p.add_argument("--num-classes", type=int, default=1000, help="classes with --synthetic (a folder's are counted)")
+    p.add_argument("--synthetic-size", type=positive_int, default=1_281_167,
+                   help="training images per epoch with --synthetic")
+    p.add_argument("--num-classes", type=positive_int, default=1000,
+                   help="classes with --synthetic (a folder's are counted)")
     p.add_argument("--model", default="resnet18", choices=["resnet18", "resnet50"])
-    p.add_argument("--image-size", type=int, default=224, help="side of the training and validation crops")
-    p.add_argument("--resize-size", type=int, help="shorter side before the validation crop (default: size * 8/7)")
-    p.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1))
+    p.add_argument("--image-size", type=positive_int, default=224, help="side of the training and validation crops")
+    p.add_argument("--resize-size", type=positive_int,
+                   help="shorter side before the validation crop, at least --image-size (default: size * 8/7)")
+    p.add_argument("--num-workers", type=non_negative_int, default=min(8, os.cpu_count() or 1))
     p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--precision", default="auto", help="auto (16-mixed on GPU, 32-true on CPU), bf16-mixed, ...")
-    return p.parse_args(argv)
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="auto (16-mixed on GPU, 32-true on CPU), bf16-mixed, ...")
+    args = p.parse_args(argv)
+    if args.resize_size is not None and args.resize_size < args.image_size:
+        p.error(f"argument --resize-size: {args.resize_size} is smaller than --image-size {args.image_size}, so the "
+                f"validation crop would be padded with black borders; give at least {args.image_size}, e.g. "
+                f"{round(args.image_size * 8 / 7)} (image size * 8/7, the default)")
+    return args
 
 
-def main(argv: list[str] | None = None) -> list[RunResult]:
+def run(argv: list[str] | None = None) -> list[RunResult]:
     args = parse_args(argv)
     gpu = torch.cuda.is_available()
     precision = ("16-mixed" if gpu else "32-true") if args.precision == "auto" else args.precision
@@ -65,11 +76,12 @@ def main(argv: list[str] | None = None) -> list[RunResult]:
              f"{args.epochs} epochs, precision {precision}, {'GPU' if gpu else 'CPU'}, seed {args.seed}")
     # Synthetic images carry no labels worth learning: skip validation and test, report throughput.
     no_eval = {"limit_val_batches": 0} if args.synthetic else {}
-    try:
-        return run_modes(args, build, title, test=not args.synthetic, precision=precision, **no_eval)
-    except ConfigError as e:
-        print(f"imagenet.py: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from e
+    return run_modes(args, build, title, test=not args.synthetic, precision=precision, **no_eval)
+
+
+def main(argv: list[str] | None = None) -> list[RunResult]:
+    """:func:`run`; a bad setting ends it with one line, ``imagenet.py: error: ...``, and exit status 2."""
+    return script_main(run, argv)
 
 
 if __name__ == "__main__":

@@ -10,16 +10,21 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
+import math
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.cli import instantiate_class
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from yaml import YAMLError
 
 from lightning_approx.callbacks import ApproxBackward, KernelRescaling
 from lightning_approx.errors import ConfigError
@@ -27,13 +32,18 @@ from lightning_approx.methods import parse_spec, spec_label
 from lightning_approx.strategies import ApproxDDPStrategy
 from lightning_approx.summary import RunResult, RunSummary, format_table
 
-__all__ = ["APPROXIMATIONS", "MODES", "add_run_arguments", "approx_callbacks", "config_label", "count_or_fraction",
-           "example_trainer", "fit_and_test", "make_exact", "recipe_callbacks", "run_modes", "run_name",
-           "without_approximations", "write_json"]
+__all__ = ["APPROXIMATIONS", "MAX_SEED", "MODES", "add_run_arguments", "approx_callbacks", "check_device",
+           "check_spec", "config_label", "count_or_fraction", "example_trainer", "fit_and_test", "load_json",
+           "load_yaml", "make_exact", "non_negative_int", "positive_count_or_fraction", "positive_int",
+           "recipe_callbacks", "run_modes", "run_name", "script_main", "seed_value", "without_approximations",
+           "write_json"]
+
+T = TypeVar("T")
 
 # The callbacks that make a run approximate; an exact run is the same run without them.
 APPROXIMATIONS = (ApproxBackward, KernelRescaling)
 MODES = ("compare", "exact", "approx")
+MAX_SEED = 2**32 - 1  # numpy's limit, which Lightning's seed_everything keeps to
 
 
 def run_name(callbacks: Iterable[pl.Callback]) -> str:
@@ -87,9 +97,11 @@ def fit_and_test(trainer: pl.Trainer, model: pl.LightningModule, datamodule: pl.
     acc = None
     if test and datamodule is not None and not trainer.interrupted:
         if is_overridden("test_dataloader", datamodule):
-            acc = trainer.test(model, datamodule=datamodule, verbose=False)[0].get("test/acc")
+            metrics = trainer.test(model, datamodule=datamodule, verbose=False)
+            acc = metrics[0].get("test/acc") if metrics else None  # no metrics: limit_test_batches=0
         else:
-            acc = trainer.validate(model, datamodule=datamodule, verbose=False)[0].get("val/acc")
+            metrics = trainer.validate(model, datamodule=datamodule, verbose=False)
+            acc = metrics[0].get("val/acc") if metrics else None
     return summary.result(name or run_name(trainer.callbacks), trainer,
                           test_acc=None if acc is None else float(acc))
 
@@ -107,10 +119,72 @@ def write_json(path: str | Path | None, record: Any) -> None:
     path.write_text(json.dumps(record, indent=2, default=str) + "\n")
 
 
+def _number(text: str, what: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; give {what}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number; give {what}")
+    return value
+
+
 def count_or_fraction(text: str) -> int | float:
-    """``"10"`` -> 10 batches, ``"0.25"`` -> a quarter of them (Lightning's ``limit_*_batches``)."""
-    value = float(text)
-    return int(value) if value.is_integer() and "." not in text else value
+    """``"10"`` -> 10 batches, ``"0.25"`` -> a quarter of them, ``"1.0"`` -> all, ``"0"`` -> none
+    (Lightning's ``limit_*_batches``). An argparse type: a negative value, or a fraction above 1
+    (``"1.5"``, ``"2.0"``), is refused with a message saying what to give instead."""
+    what = "a count of batches (10) or a fraction of them in [0, 1] (0.25; 1.0 is all)"
+    value = _number(text, what)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative; give {what}")
+    if value.is_integer() and "." not in text:
+        return int(value)
+    if value > 1:
+        fix = f"for {value:g} batches write {value:.0f}" if value.is_integer() else f"give {what}"
+        raise argparse.ArgumentTypeError(f"{text} is a fraction above 1; {fix}")
+    return value
+
+
+def positive_count_or_fraction(text: str) -> int | float:
+    """:func:`count_or_fraction` without zero: a limit on the training batches, where 0 would
+    train on nothing (and report an untrained model)."""
+    value = count_or_fraction(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"{text} would train on no batches; give a count (10) or a fraction in "
+                                         "(0, 1] (0.25; 1.0 is all)")
+    return value
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; give e.g. 1") from None
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1 (epochs, steps, batch size, threads)."""
+    value = _integer(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive whole number; give 1 or more")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: a whole number >= 0 (warm-up steps, worker processes)."""
+    value = _integer(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative; give 0 or more")
+    return value
+
+
+def seed_value(text: str) -> int:
+    """An argparse type: a random seed, a whole number in [0, 2**32 - 1] (what ``seed_everything`` takes)."""
+    value = _integer(text)
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"{value} is outside [0, {MAX_SEED}], the seeds numpy and Lightning "
+                                         "take; give e.g. 0")
+    return value
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, *, epochs: int, batch_size: int, lr: float = 0.1,
@@ -121,15 +195,17 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, epochs: int, batch_siz
     parser.add_argument("--method", default=method,
                         help="method[:key=value,...], several joined by '+' (see lightning_approx.METHODS), or a "
                              "config of examples/configs/ (.yaml): its ApproxBackward / KernelRescaling callbacks")
-    parser.add_argument("--epochs", type=int, default=epochs)
-    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--epochs", type=positive_int, default=epochs)
+    parser.add_argument("--batch-size", type=positive_int, default=batch_size)
     parser.add_argument("--lr", type=float, default=lr)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--limit-train-batches", type=count_or_fraction, default=1.0,
+    parser.add_argument("--seed", type=seed_value, default=0, help=f"in [0, {MAX_SEED}]")
+    parser.add_argument("--limit-train-batches", type=positive_count_or_fraction, default=1.0,
                         help="batches per epoch: a count (10) or a fraction (0.25)")
     parser.add_argument("--limit-eval-batches", type=count_or_fraction, default=1.0,
-                        help="validation and test batches: a count or a fraction")
-    parser.add_argument("--val-every", type=int, default=0, help="validate every N epochs (0: only at the end)")
+                        help="validation and test batches: a count or a fraction; 0: no evaluation, and no "
+                             "accuracy in the table")
+    parser.add_argument("--val-every", type=non_negative_int, default=0,
+                        help="validate every N epochs (0: only at the end)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--progress", action="store_true", help="show a progress bar")
 
@@ -142,8 +218,45 @@ def approx_callbacks(method: str | None, seed: int) -> tuple[list[pl.Callback], 
         return [], "exact"
     if method.endswith((".yaml", ".yml")):
         return recipe_callbacks(Path(method), seed), config_label(Path(method))
-    configs = parse_spec(method)
+    configs = check_spec("--method", method)
     return [ApproxBackward(configs, seed=seed)], spec_label(configs)
+
+
+def check_device(field: str, text: str) -> torch.device:
+    """A torch device of this machine, named by the flag ``field`` (``--device cuda`` on a CPU-only
+    torch is refused here, not by an assertion deep in the first CUDA call).
+
+    Raises:
+        ConfigError: ``text`` is not a CPU or CUDA device, or CUDA is not available.
+    """
+    try:
+        device = torch.device(text)
+    except RuntimeError as e:
+        raise ConfigError(field, text, f"is not a torch device ({e})", "give cpu or cuda") from e
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(field, text, "is neither a CPU nor a CUDA device", "give cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(field, text, f"needs CUDA, which this machine or torch build (torch {torch.__version__}) "
+                          "does not have", "give cpu, or run on a machine with a GPU")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(field, text, f"is past the {torch.cuda.device_count()} CUDA device(s) of this machine",
+                          "give cuda or cuda:0")
+    return device
+
+
+def check_spec(field: str, spec: str) -> list[dict[str, Any]]:
+    """The method configs of the short spec ``spec`` (``"crs:sample_ratio=0.5"``), every setting
+    checked by building the methods once, for a script to call before its first long run.
+
+    Raises:
+        ConfigError: For the flag ``field``, naming the spec and the setting that is wrong.
+    """
+    try:
+        configs = parse_spec(spec)
+        ApproxBackward(configs)  # builds (and so checks) every method of the pipeline
+    except ConfigError as e:
+        raise ConfigError(field, spec, f"{e.field}={e.value!r}: {e.problem}", e.fix) from e
+    return configs
 
 
 def config_label(path: Path) -> str:
@@ -152,24 +265,83 @@ def config_label(path: Path) -> str:
     return "_".join(parts[2:]) if len(parts) > 2 else path.stem
 
 
-def recipe_callbacks(path: Path, seed: int) -> list[pl.Callback]:
+def load_yaml(field: str, path: Path) -> Any:
+    """The contents of the YAML file ``path`` (plain dicts and lists), for the flag ``field``.
+
+    Raises:
+        ConfigError: The file is missing or is not valid YAML (the message gives the parser's line).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(field, str(path), "no such file" if not path.exists() else "is not a file",
+                          "give the path of a LightningCLI YAML config, such as "
+                          "examples/configs/cifar10_resnet20_crs.yaml")
+    try:
+        return OmegaConf.to_container(OmegaConf.load(path))
+    except (YAMLError, OmegaConfBaseException, UnicodeDecodeError) as e:
+        problem = " ".join(str(e).split())  # the parser's message spans lines
+        raise ConfigError(field, str(path), f"is not valid YAML ({problem})",
+                          "fix the file at the line named, e.g. close its brackets and quotes") from e
+
+
+def load_json(field: str, path: Path, keys: Sequence[str] = ()) -> dict[str, Any]:
+    """The JSON object in ``path`` (a file a script wrote with ``--json``), for the flag ``field``.
+
+    Args:
+        field: The flag that named the file (``"--compare"``).
+        path: The file.
+        keys: Keys the object must have (what the script reads from it).
+
+    Raises:
+        ConfigError: The file is missing, is not JSON, is not a JSON object, or lacks one of ``keys``.
+    """
+    path = Path(path)
+    fix = "give a file this script wrote with --json"
+    if not path.is_file():
+        raise ConfigError(field, str(path), "no such file" if not path.exists() else "is not a file", fix)
+    try:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(field, str(path), f"is not JSON ({e})", fix) from e
+    if not isinstance(record, dict):
+        raise ConfigError(field, str(path), f"holds a JSON {type(record).__name__}, not an object", fix)
+    missing = [key for key in keys if key not in record]
+    if missing:
+        raise ConfigError(field, str(path), f"has no {missing} (its keys: {sorted(record)[:10]})", fix)
+    return record
+
+
+def recipe_callbacks(path: Path, seed: int, required: bool = True) -> list[pl.Callback]:
     """The :data:`APPROXIMATIONS` callbacks of a LightningCLI config (``trainer.callbacks``),
     built as the CLI builds them. An ``ApproxBackward`` without a ``seed`` of its own gets ``seed``.
     The rest of the config (model, data, trainer) is not read: the example's flags set those.
+    An entry may be a ``{class_path, init_args}`` mapping or a bare class path.
+
+    Args:
+        path: The config.
+        seed: The seed of an ``ApproxBackward`` that sets none.
+        required: Refuse a config without approximation callbacks.
 
     Raises:
-        ConfigError: The file is missing, or lists no approximation callback.
+        ConfigError: The file is missing or not YAML, an entry cannot be built (the message names
+            the entry, ``trainer.callbacks[i]``), or ``required`` and it lists no approximation callback.
     """
-    if not path.is_file():
+    if not Path(path).is_file():
         raise ConfigError("--method", str(path), "no such config file",
                           "give a LightningCLI config such as examples/configs/cifar10_resnet20_crs.yaml, "
                           "or a short spec such as crs:sample_ratio=0.5")
-    config = OmegaConf.to_container(OmegaConf.load(path))
+    config = load_yaml("--method", path)
     trainer = config.get("trainer") if isinstance(config, dict) else None
     entries = (trainer.get("callbacks") if isinstance(trainer, dict) else None) or []
     callbacks = []
-    for entry in [entries] if isinstance(entries, dict) else entries:
-        class_path = entry.get("class_path", "") if isinstance(entry, dict) else ""
+    for i, entry in enumerate([entries] if isinstance(entries, dict) else entries):
+        key = f"trainer.callbacks[{i}]"
+        if isinstance(entry, str):  # LightningCLI takes a bare class path too
+            entry = {"class_path": entry}
+        if not isinstance(entry, dict) or not isinstance(entry.get("class_path"), str):
+            raise ConfigError("--method", str(path), f"{key} is {entry!r}, not a callback",
+                              "give each callback as {class_path: ..., init_args: {...}} or as a class path")
+        class_path = entry["class_path"]
         module, _, name = class_path.rpartition(".")
         try:
             cls = getattr(importlib.import_module(module), name, None) if module else None
@@ -177,11 +349,23 @@ def recipe_callbacks(path: Path, seed: int) -> list[pl.Callback]:
             raise ConfigError("--method", str(path), f"names callback {class_path!r}, whose module does not import "
                               f"({e})", "fix the class_path, or install what it needs") from e
         if isinstance(cls, type) and issubclass(cls, APPROXIMATIONS):  # other callbacks are the example's
-            init = dict(entry.get("init_args") or {})
+            init = entry.get("init_args") or {}
+            if not isinstance(init, dict):
+                raise ConfigError("--method", str(path), f"{key}.init_args of {class_path} is {init!r}, not a "
+                                  "mapping", "give init_args as {name: value, ...}")
+            init = dict(init)
             if issubclass(cls, ApproxBackward):
                 init.setdefault("seed", seed)
-            callbacks.append(instantiate_class((), {"class_path": class_path, "init_args": init}))
-    if not callbacks:
+            try:
+                callbacks.append(instantiate_class((), {"class_path": class_path, "init_args": init}))
+            except TypeError as e:  # an init_args key the class does not take
+                known = [p for p in inspect.signature(cls).parameters if p not in ("self", "args", "kwargs")]
+                raise ConfigError("--method", str(path), f"{key}.init_args cannot build {name} ({e})",
+                                  f"use only the arguments {name} takes: {known}") from e
+            except ConfigError as e:
+                raise ConfigError("--method", str(path), f"{key} ({name}): {e.field}={e.value!r}: {e.problem}",
+                                  e.fix) from e
+    if required and not callbacks:
         raise ConfigError("--method", str(path), "lists neither ApproxBackward nor KernelRescaling under "
                           "trainer.callbacks", "give a config of examples/configs/ other than the exact one, "
                           "or a short spec such as crs:sample_ratio=0.5")
@@ -205,21 +389,29 @@ def run_modes(args: argparse.Namespace, build: Callable[[], tuple[pl.LightningMo
               title: str, test: bool = True, **trainer_kwargs: Any) -> list[RunResult]:
     """Runs ``args.mode`` (exact, approx, or both with the same seed) and prints one table.
 
+    Every run's approximation callbacks are built before the first fit, so a bad ``--method``
+    stops the comparison at once instead of after the exact run; each run gets its own
+    callbacks (none is reused across fits).
+
     Args:
         args: Parsed flags of :func:`add_run_arguments`.
         build: Returns a fresh ``(model, datamodule)``; called once per run, after seeding.
         title: First line printed above the table.
-        test: Measure accuracy after each fit.
+        test: Measure accuracy after each fit (``--limit-eval-batches 0`` turns it off too).
         **trainer_kwargs: Overrides of :func:`example_trainer`'s settings (``precision``).
 
     Returns:
         The results, exact first in ``compare`` mode.
+
+    Raises:
+        ConfigError: ``--method`` cannot be built.
     """
     methods = {"compare": [None, args.method], "exact": [None], "approx": [args.method]}[args.mode]
+    runs = [approx_callbacks(method, args.seed) for method in methods]  # building draws no random numbers
+    test = test and args.limit_eval_batches != 0
     results = []
-    for method in methods:
+    for callbacks, name in runs:
         pl.seed_everything(args.seed, workers=True, verbose=False)
-        callbacks, name = approx_callbacks(method, args.seed)
         model, data = build()
         results.append(fit_and_test(example_trainer(args, callbacks, **trainer_kwargs), model, data, name, test))
         acc = results[-1].test_acc
@@ -228,3 +420,22 @@ def run_modes(args: argparse.Namespace, build: Callable[[], tuple[pl.LightningMo
     print(format_table(results, baseline="exact" if args.mode == "compare" else None))
     write_json(args.json, [r.to_dict() for r in results])
     return results
+
+
+def script_main(main: Callable[[list[str] | None], T], argv: list[str] | None = None,
+                script: str | None = None) -> T:
+    """Runs a script's ``main(argv)``, turning a :class:`ConfigError` into one line on stderr,
+    ``<script>: error: <message>``, and exit status 2, as argparse reports a bad flag (instead
+    of a traceback above the message).
+
+    Args:
+        main: The script's entry point.
+        argv: Its arguments; ``None``: ``sys.argv[1:]``.
+        script: The name in the message; default: the file ``main`` is defined in.
+    """
+    try:
+        return main(argv)
+    except ConfigError as e:
+        name = script or Path(inspect.getfile(main)).name
+        print(f"{name}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from e

@@ -226,6 +226,10 @@ class ImageNetDataModule(pl.LightningDataModule):
         num_classes: Classes in synthetic mode (a folder's are counted).
         seed: Seed of the shuffling and, through the workers' seeds, of the augmentation.
         pin_memory: Pin loader memory; ``None`` pins when CUDA is available.
+
+    Raises:
+        ConfigError: A size or count is not a positive integer, ``resize_size < image_size``, or
+            ``data_dir`` is missing without ``synthetic``.
     """
 
     def __init__(self, data_dir: str | os.PathLike[str] | None = None, batch_size: int = 256,
@@ -242,6 +246,16 @@ class ImageNetDataModule(pl.LightningDataModule):
             raise ConfigError("batch_size", batch_size, "must be a positive integer", "give e.g. 256")
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
             raise ConfigError("num_workers", num_workers, "must be a non-negative integer", "give e.g. 8")
+        for field, value, example in (("image_size", image_size, 224), ("resize_size", resize_size, 256),
+                                      ("synthetic_train_size", synthetic_train_size, 1_281_167),
+                                      ("synthetic_val_size", synthetic_val_size, 50_000),
+                                      ("num_classes", num_classes, 1000)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(field, value, "must be a positive integer", f"give e.g. {example}")
+        if resize_size < image_size:
+            raise ConfigError("resize_size", resize_size, f"is smaller than image_size={image_size}, so the "
+                              "validation crop would be padded with black borders",
+                              f"give resize_size >= image_size, e.g. {round(image_size * 8 / 7)} (image_size * 8/7)")
         self.data_dir = Path(data_dir).expanduser() if data_dir is not None else None
         self.batch_size = batch_size
         self.num_workers = num_workers
