@@ -37,6 +37,18 @@ def load_example(name: str) -> ModuleType:
     return load_script("examples", name)
 
 
+@pytest.fixture(scope="module")
+def cifar10() -> ModuleType:
+    """``examples/cifar10.py`` as a module."""
+    return load_example("cifar10")
+
+
+@pytest.fixture(scope="module")
+def imagenet() -> ModuleType:
+    """``examples/imagenet.py`` as a module."""
+    return load_example("imagenet")
+
+
 @pytest.fixture(autouse=True)
 def _plain_argv(monkeypatch):
     """The CLI reads its arguments from ``args``; pytest's own ``sys.argv`` would make it warn."""

@@ -11,17 +11,7 @@ from lightning_approx import ApproxBackward
 from lightning_approx.data.imagenet import ImageNetDataModule
 from lightning_approx.errors import ConfigError
 from lightning_approx.runs import count_or_fraction, positive_count_or_fraction, recipe_callbacks, seed_value
-from tests.examples.conftest import CONFIGS, load_example
-
-
-@pytest.fixture(scope="module")
-def cifar10():
-    return load_example("cifar10")
-
-
-@pytest.fixture(scope="module")
-def imagenet():
-    return load_example("imagenet")
+from tests.examples.conftest import CONFIGS
 
 
 @pytest.fixture

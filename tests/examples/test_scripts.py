@@ -12,20 +12,9 @@ from omegaconf import OmegaConf
 from lightning_approx import KernelRescaling
 from lightning_approx.errors import ConfigError
 from lightning_approx.runs import approx_callbacks, write_json
-from tests.examples.conftest import load_example
 
 CONFIGS = Path(__file__).resolve().parents[2] / "examples" / "configs"
 LAYOUT = "expected <data_dir>/train/<class>/*.JPEG and <data_dir>/val/<class>/*.JPEG"
-
-
-@pytest.fixture(scope="module")
-def cifar10():
-    return load_example("cifar10")
-
-
-@pytest.fixture(scope="module")
-def imagenet():
-    return load_example("imagenet")
 
 
 def test_cifar10_compare(cifar10, capsys):
