@@ -29,7 +29,8 @@ from torch import nn
 
 from lightning_approx.models import MODELS, build_model
 from lightning_approx.ops.conv import ConvGeometry
-from lightning_approx.runs import check_device, non_negative_int, positive_int, script_main, write_json
+from lightning_approx.runs import write_json
+from lightning_approx.script_args import check_device, non_negative_int, positive_int, script_main
 
 _aten = torch.ops.aten
 PRODUCTS = ("forward", "input_grad", "weight_grad")

@@ -38,7 +38,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning_approx import ApproxBackward, ApproxDDPStrategy
 from lightning_approx.classifier import ImageClassifier
 from lightning_approx.data import CIFAR10DataModule
-from lightning_approx.runs import non_negative_int, positive_int, script_main, write_json
+from lightning_approx.runs import write_json
+from lightning_approx.script_args import non_negative_int, positive_int, script_main
 
 DATA = Path(__file__).resolve().parents[1] / "examples" / "data" / "cifar10-subset"
 

@@ -35,7 +35,8 @@ from lightning_approx import approximate
 from lightning_approx.methods import parse_spec
 from lightning_approx.models import MODELS, build_model
 from lightning_approx.ops.conv import ConvGeometry
-from lightning_approx.runs import non_negative_int, positive_int, script_main, write_json
+from lightning_approx.runs import write_json
+from lightning_approx.script_args import non_negative_int, positive_int, script_main
 
 # (namespace, attribute, piece): the calls of ForwardSampling.conv2d_forward, as its module sees them.
 PIECES = [

@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lightning_approx.runs import script_main, write_json
+from lightning_approx.runs import write_json
+from lightning_approx.script_args import script_main
 
 WORKLOADS = {  # model -> (image size, batch size, classes)
     "resnet20": (32, 256, 10),

@@ -40,7 +40,8 @@ from lightning_approx.data.cifar10 import CIFAR10DataModule
 from lightning_approx.methods import parse_spec
 from lightning_approx.models import MODELS, build_model
 from lightning_approx.ops.fidelity import fidelity
-from lightning_approx.runs import check_spec, non_negative_int, positive_int, script_main, seed_value, write_json
+from lightning_approx.runs import check_spec, write_json
+from lightning_approx.script_args import non_negative_int, positive_int, script_main, seed_value
 
 DATA = Path(__file__).resolve().parents[1] / "examples" / "data" / "cifar10-subset"
 HALF_BATCH, OTHER_BATCH = "exact, half of the batch", "exact, another batch"

@@ -40,15 +40,9 @@ from lightning_approx.data.cifar10 import CIFAR10DataModule
 from lightning_approx.errors import ConfigError
 from lightning_approx.models import MODELS
 from lightning_approx.ops.rescale import resize_images
-from lightning_approx.runs import (
-    load_json,
-    positive_count_or_fraction,
-    positive_int,
-    script_main,
-    seed_value,
-    write_json,
-)
+from lightning_approx.runs import write_json
 from lightning_approx.schedules import Progress
+from lightning_approx.script_args import load_json, positive_count_or_fraction, positive_int, script_main, seed_value
 from lightning_approx.summary import RunSummary
 
 DATA = Path(__file__).resolve().parents[1] / "examples" / "data" / "cifar10-subset"

@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from lightning_approx.runs import script_main, write_json
+from lightning_approx.runs import write_json
+from lightning_approx.script_args import script_main
 
 # A case builds its tensors and returns (kernel call, reference call, floor bytes, a tensor to describe).
 Case = Callable[[], tuple[Callable[[], object], Callable[[], object], int, Tensor]]

@@ -28,7 +28,8 @@ from torch import Tensor
 from lightning_approx.classifier import ImageClassifier
 from lightning_approx.data.cifar10 import CIFAR10DataModule
 from lightning_approx.errors import ConfigError
-from lightning_approx.runs import script_main, write_json
+from lightning_approx.runs import write_json
+from lightning_approx.script_args import script_main
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / "examples" / "data" / "cifar10-subset"
 

@@ -57,15 +57,8 @@ from lightning_approx import approximate
 from lightning_approx.errors import ConfigError
 from lightning_approx.methods import parse_spec
 from lightning_approx.models import MODELS, build_model
-from lightning_approx.runs import (
-    check_device,
-    check_spec,
-    load_json,
-    non_negative_int,
-    positive_int,
-    script_main,
-    write_json,
-)
+from lightning_approx.runs import check_spec, write_json
+from lightning_approx.script_args import check_device, load_json, non_negative_int, positive_int, script_main
 from lightning_approx.surgery import patched_sites
 
 DEFAULT_VARIANTS = ["crs:sample_ratio=0.5", "crs:sample_ratio=0.25"]

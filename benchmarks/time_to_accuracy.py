@@ -42,18 +42,8 @@ import cifar10
 
 from lightning_approx import cli
 from lightning_approx.errors import ConfigError
-from lightning_approx.runs import (
-    approx_callbacks,
-    check_spec,
-    config_label,
-    load_json,
-    load_yaml,
-    positive_int,
-    recipe_callbacks,
-    script_main,
-    seed_value,
-    write_json,
-)
+from lightning_approx.runs import approx_callbacks, check_spec, config_label, recipe_callbacks, write_json
+from lightning_approx.script_args import load_json, load_yaml, positive_int, script_main, seed_value
 from lightning_approx.summary import RunResult
 
 # Every run of a --configs comparison: quiet, nothing written, validation after every epoch

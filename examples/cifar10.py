@@ -25,7 +25,8 @@ from pathlib import Path
 
 from lightning_approx.classifier import ImageClassifier
 from lightning_approx.data.cifar10 import CIFAR10DataModule
-from lightning_approx.runs import add_run_arguments, run_modes, script_main
+from lightning_approx.runs import add_run_arguments, run_modes
+from lightning_approx.script_args import script_main
 from lightning_approx.summary import RunResult
 
 DEFAULT_DATA = Path(__file__).resolve().parent / "data" / "cifar10-subset"

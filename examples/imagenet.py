@@ -22,7 +22,8 @@ import torch
 
 from lightning_approx.classifier import ImageClassifier
 from lightning_approx.data.imagenet import ImageNetDataModule
-from lightning_approx.runs import add_run_arguments, non_negative_int, positive_int, run_modes, script_main
+from lightning_approx.runs import add_run_arguments, run_modes
+from lightning_approx.script_args import non_negative_int, positive_int, script_main
 from lightning_approx.summary import RunResult
 
 # Lightning's precision settings ("auto" is this script's: 16-mixed on a GPU, 32-true on the CPU).

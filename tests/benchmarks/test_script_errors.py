@@ -1,6 +1,6 @@
 """The benchmarks check their flags and input files before the first measurement and report a
 bad one as one line, ``<script>: error: <flag>=<value>: <problem>. Fix: ...``, with exit status 2
-(through :func:`lightning_approx.runs.script_main`, which every benchmark's ``__main__`` runs)."""
+(through :func:`lightning_approx.script_args.script_main`, which every benchmark's ``__main__`` runs)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lightning_approx.errors import ConfigError
-from lightning_approx.runs import script_main
+from lightning_approx.script_args import script_main
 from tests.conftest import REPO, load_script
 
 CONFIGS = REPO / "examples" / "configs"

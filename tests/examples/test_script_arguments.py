@@ -10,7 +10,8 @@ import pytest
 from lightning_approx import ApproxBackward
 from lightning_approx.data.imagenet import ImageNetDataModule
 from lightning_approx.errors import ConfigError
-from lightning_approx.runs import count_or_fraction, positive_count_or_fraction, recipe_callbacks, seed_value
+from lightning_approx.runs import recipe_callbacks
+from lightning_approx.script_args import count_or_fraction, positive_count_or_fraction, seed_value
 from tests.examples.conftest import CONFIGS
 
 
