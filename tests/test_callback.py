@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_approx import ApproxBackward, ConfigError
 from lightning_approx.layers import ApproxConv2d
 from lightning_approx.schedules import Linear
+from lightning_approx.surgery import patched_sites
 from tests.logs import read_metrics_csv
 
 
@@ -172,6 +173,21 @@ class LateLayers(TinyCNN):
     def configure_model(self):
         if self.hook == "configure_model":
             self.build()
+
+
+class OneLateLayer(TinyCNN):
+    """Builds one more conv in ``configure_model``, after the callbacks' setup patched the others."""
+
+    def configure_model(self):
+        if not hasattr(self, "late"):
+            self.late = nn.Conv2d(8, 8, 3, padding=1)
+
+
+def test_a_layer_added_after_setup_is_refused_at_fit_start_and_nothing_stays_patched(tmp_path):
+    model = OneLateLayer()
+    with pytest.raises(ConfigError, match=r"model='OneLateLayer'.*\['late'\].*Fix: build the layers in"):
+        trainer(tmp_path, [ApproxBackward("crs")], max_epochs=1).fit(model, loader())
+    assert not patched_sites(model)
 
 
 @pytest.mark.parametrize("hook", ["setup", "configure_model"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -18,7 +19,15 @@ from lightning_approx.errors import ConfigError, check_seed
 from lightning_approx.methods import Method
 from lightning_approx.ops.accounting import WorkCounter
 from lightning_approx.schedules import Progress, Schedule
-from lightning_approx.surgery import AUTO, approximate, check_exclude, make_pipeline, patched_sites, restore
+from lightning_approx.surgery import (
+    AUTO,
+    approximate,
+    check_exclude,
+    make_pipeline,
+    patched_sites,
+    restore,
+    select_layers,
+)
 
 
 class ApproxBackward(Callback):
@@ -145,12 +154,26 @@ class ApproxBackward(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check_no_late_layers(pl_module)
         self._recalibrated_at = None
         self._frozen_bn = None
         if self.recalibrate_bn == 0 and self.pipeline.forward_method is not None and batch_norms(pl_module):
             rank_zero_warn(f"ApproxBackward: {self.pipeline.forward_method.name!r} trains batch norm's running "
                            "statistics on the sampled forward, while evaluation runs the exact layers; set "
                            "recalibrate_bn (e.g. 5) to recompute them before each validation and at the end")
+
+    def _check_no_late_layers(self, pl_module: pl.LightningModule) -> None:
+        """Refuses layers this callback would approximate that were not in the model at ``setup``."""
+        with warnings.catch_warnings():  # setup already warned about layers it cannot patch
+            warnings.simplefilter("ignore")
+            selected = select_layers(pl_module, self.exclude)
+        late = [name for name, module in selected if "approx_site" not in module.__dict__]
+        if late:
+            raise ConfigError("model", type(pl_module).__name__,
+                              f"has Conv2d/Linear layers that were not there at ApproxBackward's setup: {late}. "
+                              "Layers built in LightningModule.setup() or configure_model() come after the callbacks' "
+                              "setup, so they would train exactly",
+                              "build the layers in the LightningModule's __init__")
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
