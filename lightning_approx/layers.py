@@ -19,7 +19,7 @@ from torch.autograd.function import once_differentiable
 
 from lightning_approx.errors import check_seed
 from lightning_approx.methods.pipeline import Pipeline
-from lightning_approx.ops.accounting import WorkCounter
+from lightning_approx.ops.accounting import WorkCounter, recomputing
 from lightning_approx.ops.conv import ConvGeometry
 from lightning_approx.ops.layout import is_channels_last
 from lightning_approx.ops.mask import LiveSlices
@@ -144,6 +144,8 @@ class _LinearFunction(torch.autograd.Function):
 def _count_exact(site: LayerSite, macs: int, x: Tensor, weight: Tensor, live: LiveSlices | None = None) -> None:
     # The plain layer runs the exact backward: count it as computed in full, and the share of
     # its MACs that multiply a ReLU input's zeros as zero (as the pipeline's backward does).
+    if recomputing():
+        return
     parts = int(x.requires_grad) + int(weight.requires_grad)
     zero = 0 if live is None else round(macs * live.zero_fraction)
     site.work.add(exact=macs * parts, computed=macs * parts, zero=zero * parts)

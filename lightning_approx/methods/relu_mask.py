@@ -26,6 +26,7 @@ from torch import Tensor
 from lightning_approx.kernels import ops as kops
 from lightning_approx.methods.base import Method
 from lightning_approx.methods.registry import register
+from lightning_approx.ops.accounting import recomputing
 from lightning_approx.ops.mask import LiveSlices, is_relu_output
 
 if TYPE_CHECKING:
@@ -121,6 +122,8 @@ class ReluMask(Method):
         self._window = MaskStats()
 
     def _record(self, site: LayerSite, live: LiveSlices) -> None:
+        if recomputing():  # activation checkpointing re-runs the forward: counted once
+            return
         self.stats.setdefault(site.name, MaskStats()).add(live)
         self._window.add(live)
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 
 @dataclass
 class WorkCounter:
@@ -36,3 +38,10 @@ class WorkCounter:
     def fraction(self) -> float:
         """Computed over exact MACs; 1.0 when nothing was counted."""
         return self.computed / self.exact if self.exact else 1.0
+
+
+def recomputing() -> bool:
+    """Whether this forward runs inside autograd's backward: activation checkpointing
+    (``torch.utils.checkpoint``) recomputing it. Work and statistics that a layer counts in
+    its forward are skipped then, so a checkpointed layer is counted once per step."""
+    return torch._C._current_graph_task_id() != -1

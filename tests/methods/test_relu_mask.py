@@ -251,6 +251,34 @@ def test_nothing_dead_runs_the_plain_op(kind):
     assert method.stats[site.name].calls == 2
 
 
+@pytest.mark.parametrize("method", [["relu_mask"], ["relu_mask", "crs"], [CRS(1.0)]], ids=["mask", "mask+crs", "exact"])
+def test_activation_checkpointing_counts_each_layer_once(method):
+    """torch.utils.checkpoint re-runs the forward inside the backward; the work and zero
+    statistics counted in a forward must not count that recompute again, and the gradients
+    stay those of the plain run."""
+    from torch.utils.checkpoint import checkpoint
+
+    def run(checkpointed: bool):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 5, 3, padding=1), nn.ReLU(),
+                            nn.Conv2d(5, 4, 3, padding=1)).double()
+        approximate(net, make_pipeline(method), exclude=None, seed=0)
+        x = torch.randn(4, 3, 6, 6, dtype=torch.float64)
+        y = checkpoint(net, x, use_reentrant=False) if checkpointed else net(x)
+        y.square().sum().backward()
+        sites = patched_sites(net)
+        stats = getattr(sites[0].pipeline.methods[0], "stats", {})
+        return ([(s.work.exact, s.work.computed, s.work.zero) for s in sites],
+                {name: (st.calls, st.zero_elements) for name, st in stats.items()},
+                [p.grad for p in net.parameters()])
+
+    (work, stats, grads), (work_ck, stats_ck, grads_ck) = run(False), run(True)
+    assert work_ck == work and all(w[0] > 0 for w in work)
+    assert stats_ck == stats
+    for g, g_ck in zip(grads, grads_ck, strict=True):
+        torch.testing.assert_close(g_ck, g, rtol=1e-12, atol=1e-12)
+
+
 def test_probe_and_other_methods_run_the_pipeline():
     """A fidelity probe needs the pipeline's backward (it compares it with the exact one), and
     so does another method that approximates; one at an exact setting leaves the plain op."""
