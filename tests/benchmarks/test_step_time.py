@@ -4,6 +4,7 @@ table, per-layer breakdown and JSON come out."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -80,7 +81,11 @@ def test_floors_come_with_the_layer_rounds(step_time, capsys):
                              str(torch.get_num_threads())])
     assert set(result["floors"]) == {"crs:sample_ratio=0.5", "forward_sampling"}
     for floor in result["floors"].values():
-        assert 0 < floor["step"] < 1 and 0 < floor["backward"] < 1
+        # Below 1 whenever a patched layer computes less than its exact work. The lower end is not
+        # asserted: at batch 4 and two steps, the hook-timed layers can outlast the step's median
+        # backward, and the floor formula is checked exactly by the test above.
+        assert math.isfinite(floor["step"]) and math.isfinite(floor["backward"])
+        assert floor["step"] < 1 and floor["backward"] < 1
     assert "step saving realized" in capsys.readouterr().out
     assert "malloc_env" in result
     no_layers = step_time.main(["--variants", "crs", "--batch-size", "4", "--steps", "1", "--warmup", "0",
