@@ -57,8 +57,7 @@ def check_configs(configs: list[Path]) -> None:
     """Each config is a YAML file whose approximation callbacks build, names one table row, and
     the configs may differ only in their trainer callbacks: the exact baseline is built from the
     first one, so it must be every config's. All of it before the first run."""
-    for path in configs:
-        load_yaml("--configs", path)
+    loaded = [load_yaml("--configs", path) for path in configs]  # every file parses, before anything else
     labels = [config_label(path) for path in configs]
     for path, label in zip(configs, labels, strict=True):
         if label == "exact" or labels.count(label) > 1:
@@ -66,8 +65,7 @@ def check_configs(configs: list[Path]) -> None:
                               "which every comparison runs, or by another config)",
                               "drop the exact config, and give each config its own name")
 
-    def rest(path: Path) -> dict:
-        cfg = load_yaml("--configs", path)
+    def rest(path: Path, cfg: object) -> dict:
         if not isinstance(cfg, dict):
             raise ConfigError("--configs", str(path), f"holds a YAML {type(cfg).__name__}, not a LightningCLI "
                               "config", "give a config such as examples/configs/cifar10_resnet20_crs.yaml")
@@ -76,9 +74,9 @@ def check_configs(configs: list[Path]) -> None:
             trainer.pop("callbacks", None)
         return cfg
 
-    first = rest(configs[0])
-    for path in configs[1:]:
-        if rest(path) != first:
+    first = rest(configs[0], loaded[0])
+    for path, cfg in zip(configs[1:], loaded[1:], strict=True):
+        if rest(path, cfg) != first:
             raise ConfigError("--configs", str(path), f"differs from {configs[0]} in more than trainer.callbacks, "
                               "so the exact baseline of the first config is not its baseline",
                               "compare configs that share model, data, optimizer and trainer settings")
