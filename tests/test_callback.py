@@ -49,9 +49,9 @@ def loader(n=32, batch=8):
 
 
 def trainer(tmp_path, callbacks, **kw):
+    kw = {"log_every_n_steps": 1, **kw}
     return pl.Trainer(default_root_dir=tmp_path, accelerator="cpu", logger=pl.loggers.CSVLogger(tmp_path),
-                      callbacks=callbacks, enable_progress_bar=False, enable_model_summary=False,
-                      log_every_n_steps=1, **kw)
+                      callbacks=callbacks, enable_progress_bar=False, enable_model_summary=False, **kw)
 
 
 def test_fit_patches_during_training_and_leaves_exact_layers(tmp_path):
@@ -240,6 +240,27 @@ def test_gradient_fidelity_is_logged_on_probe_steps(tmp_path):
     assert all(0 < c < 1 for c in cos)
     assert all(e > 0 for e in metrics["approx/fidelity/input.rel_err"])
     assert metrics["approx/fidelity/conv/weight.cos"] == cos
+
+
+def test_metrics_are_logged_on_the_trainers_logging_steps_and_work_counted_on_every_step(tmp_path):
+    def run(root, every):
+        pl.seed_everything(0)
+        model, cb = TinyCNN(), ApproxBackward("crs", sample_ratio=0.5)
+        logged = []
+        log_dict = model.log_dict
+        model.log_dict = lambda metrics, **kw: (logged.append(metrics), log_dict(metrics, **kw))[1]
+        trainer(root, [cb], max_epochs=2, log_every_n_steps=every).fit(model, loader())
+        return cb, logged
+
+    every_step, logged_every_step = run(tmp_path / "a", 1)
+    third, logged_third = run(tmp_path / "b", 3)
+    assert len(logged_every_step) == 8 and len(logged_third) == 2  # steps 3 and 6 of 8
+    def untimed(metrics):
+        return {k: v for k, v in metrics.items() if k != "approx/step_time"}
+
+    assert [untimed(m) for m in logged_third] == [untimed(logged_every_step[i]) for i in (2, 5)]
+    assert (third.totals.exact, third.totals.computed) == (every_step.totals.exact, every_step.totals.computed)
+    assert trainer_metrics(tmp_path / "b")["approx/backward_work"] == [m["approx/backward_work"] for m in logged_third]
 
 
 def test_gradient_fidelity_is_one_at_the_exact_setting():

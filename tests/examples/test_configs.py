@@ -31,6 +31,8 @@ EXPECTED = {
     "cifar10_resnet20_batch_crs_early.yaml": ("batch_crs", "resnet20"),
     "cifar10_resnet20_batch_crs_early_025.yaml": ("batch_crs", "resnet20"),
     "cifar10_resnet20_batch_crs_late.yaml": ("batch_crs", "resnet20"),
+    "cifar10_resnet20_batch_crs_late_075.yaml": ("batch_crs", "resnet20"),
+    "cifar10_resnet20_batch_crs_last2.yaml": ("batch_crs", "resnet20"),
     "cifar10_resnet20_topk.yaml": ("topk", "resnet20"),
     "cifar10_resnet20_topk_late.yaml": ("topk", "resnet20"),
     "cifar10_resnet20_forward_sampling.yaml": ("forward_sampling", "resnet20"),
