@@ -82,9 +82,10 @@ class ApproxDDPStrategy(DDPStrategy):
     ``forward_sampling`` layers ranked by weight (identical scores, so ``selection="crs"``
     picks identical channels too) and keeps every other layer per rank.
 
-    Each synchronizing backward logs ``comm/bytes`` (bytes this rank all-reduced, channel
-    masks included), ``comm/bytes_dense`` (what plain DDP would have sent) and
-    ``comm/fraction``; running totals are in :attr:`comm_totals` and in checkpoints.
+    On the Trainer's logging steps (every ``log_every_n_steps``) the synchronizing backward
+    logs ``comm/bytes`` (bytes this rank all-reduced, channel masks included),
+    ``comm/bytes_dense`` (what plain DDP would have sent) and ``comm/fraction``; running
+    totals are in :attr:`comm_totals` and in checkpoints.
 
     Args:
         comm: ``"auto"``, ``"dense"``, ``"selected"`` or ``"sampled"`` (see above).
@@ -94,7 +95,7 @@ class ApproxDDPStrategy(DDPStrategy):
         seed: Seed of the shared block draws.
         rank_seeding: ``"auto"``, ``"per_rank"`` or ``"shared"``: how the patched layers'
             random streams relate across ranks (see above).
-        log_comm: Log the bytes of every synchronization.
+        log_comm: Log the bytes of the synchronizations on the Trainer's logging steps.
         find_unused_parameters: As in :class:`~torch.nn.parallel.DistributedDataParallel`
             (the DDP arguments are named here so that YAML configs can set them).
         static_graph: As in ``DistributedDataParallel``.
@@ -305,7 +306,10 @@ class ApproxDDPStrategy(DDPStrategy):
         if self._comm_state is None:
             return
         report = self._comm_state.end_sync()
-        if report is not None and self.log_comm:
+        # Logged on the Trainer's logging steps only, as ApproxBackward's metrics (the byte totals
+        # count every step).
+        trainer = self.lightning_module.trainer
+        if report is not None and self.log_comm and trainer._logger_connector.should_update_logs:
             self.lightning_module.log_dict(
                 {"comm/bytes": float(report.sent), "comm/bytes_dense": float(report.dense),
                  "comm/fraction": report.fraction}, on_step=True, on_epoch=False, batch_size=1)

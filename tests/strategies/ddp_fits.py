@@ -86,7 +86,8 @@ def fit(run: dict, out: Path) -> None:
         accelerator="cpu", devices=2, strategy=strategy_of(run), max_epochs=run.get("epochs", 2),
         callbacks=callbacks, logger=pl.loggers.CSVLogger(out, name=run["name"], version=""),
         accumulate_grad_batches=run.get("accumulate", 1), enable_progress_bar=False,
-        enable_model_summary=False, enable_checkpointing=False, log_every_n_steps=1, deterministic=True)
+        enable_model_summary=False, enable_checkpointing=False, log_every_n_steps=run.get("log_every", 1),
+        deterministic=True)
     ckpt = out / f"{run['resume']}.ckpt" if run.get("resume") else None
     trainer.fit(model, loader(), ckpt_path=ckpt)
     trainer.save_checkpoint(out / f"{run['name']}.ckpt")

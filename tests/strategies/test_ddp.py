@@ -96,6 +96,7 @@ METHOD_RUNS = [
     {"name": "forward_sampling_weight", "method": FS_WEIGHT, "exclude": None},
     {"name": "forward_sampling_weight_crs", "method": FS_WEIGHT_CRS, "exclude": None},
     {"name": "crs_sampled", "method": {"name": "crs", "sample_ratio": 0.5}, "exclude": "auto", "kwargs": SAMPLED},
+    {"name": "crs_log_every_4", "method": {"name": "crs", "sample_ratio": 0.5}, "exclude": "auto", "log_every": 4},
     {"name": "fs_sampled", "method": FS_WEIGHT, "exclude": None, "kwargs": SAMPLED},
 ]
 
@@ -133,6 +134,14 @@ def test_streams_are_per_rank_for_crs_and_shared_for_weight_ranked_forward_sampl
     assert fs0.keys() == {"stem", "conv2", "conv3", "fc"} and fs0 == fs1
     wa0, wa1 = (r["seeds"] for r in results["forward_sampling"])
     assert all(wa0[k] != wa1[k] for k in wa0)  # ranked by activations too: per rank
+
+
+def test_metrics_are_logged_on_the_logging_steps_and_bytes_counted_on_every_step(methods):
+    out, results = methods
+    assert results["crs_log_every_4"][0]["totals"] == results["crs"][0]["totals"]  # every sync counted
+    metrics = logged(out, "crs_log_every_4")
+    assert metrics["comm/bytes"] == [DENSE_BYTES] * (STEPS // 4)
+    assert len(metrics["approx/backward_work"]) == STEPS // 4
 
 
 def test_bytes_are_counted_logged_and_cut_by_the_expected_fraction(methods):
