@@ -1,6 +1,6 @@
 """What ``ApproxBackward`` costs in a real Lightning fit when it saves nothing: training epochs of
 the plain model against the same model with the callback at each method's exact setting, in one
-process.
+process. Any other setting times the epochs a recipe samples, paired with exact's.
 
 ``step_time.py`` times the patched layers outside Lightning. This one adds everything the
 callback does in a fit: its per-batch hooks (schedule updates, work counters, logged metrics),
@@ -9,12 +9,13 @@ masks the output's gradient). Each round runs one short fit (``--limit-train-bat
 variant, in an order shuffled every round, from the same initial weights and batches; the timed
 interval is the training epoch (``on_train_epoch_start`` to ``on_train_epoch_end``), so Trainer
 setup and the callback's one-time patching at fit start are not in it. The fits have no logger and
-Lightning's default ``log_every_n_steps`` (50). The table gives each
-variant's median epoch time and the median of its per-round ratio to the plain fit's, with a
-distribution-free 95% confidence interval (at least 6 timed rounds).
+Lightning's default ``log_every_n_steps`` (50). The table gives each variant's median epoch time
+and the median of its per-round ratio to the plain fit's, with a distribution-free 95% confidence
+interval (at least 6 timed rounds).
 
     python benchmarks/fit_overhead.py                                          # every exact setting, ResNet-20
     python benchmarks/fit_overhead.py --variants crs:sample_ratio=1.0 --rounds 8 --json out.json
+    python benchmarks/fit_overhead.py --variants batch_crs:sample_ratio=0.5 --rounds 14    # a recipe's sampled epochs
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from typing_extensions import override
 
 from lightning_approx.batch_norm import batch_norms, recalibrate_batch_norm
 from lightning_approx.errors import ConfigError, check_seed
+from lightning_approx.layers import LayerSite
 from lightning_approx.methods import Method
 from lightning_approx.ops.accounting import WorkCounter
 from lightning_approx.schedules import Progress, Schedule
@@ -124,7 +125,7 @@ class ApproxBackward(Callback):
         self._t0 = 0.0
         self._progress = Progress(epoch=0.0, step=0)
         self._model: torch.nn.Module | None = None
-        self._sites: list = []  # the patched layers' sites, found once at setup
+        self._sites: list[LayerSite] = []  # the patched layers' sites, found once at setup
 
     @property
     @override
