@@ -48,6 +48,7 @@ EXPECTED = {
     "cifar10_resnet20_kernel_rescaling_24px_2epochs.yaml": ("kernel_rescaling", "resnet20"),
     "cifar10_resnet20_kernel_rescaling_24px_3epochs.yaml": ("kernel_rescaling", "resnet20"),
     "cifar10_resnet20_kernel_rescaling_28px_4epochs.yaml": ("kernel_rescaling", "resnet20"),
+    "cifar10_resnet20_kernel_rescaling_batch_crs_last2.yaml": ("kernel_rescaling+batch_crs", "resnet20"),
     "cifar10_vgg19_bn_crs.yaml": ("crs", "vgg19_bn"),
     "imagenet_resnet18_crs.yaml": ("crs", "resnet18"),
     "imagenet_resnet18_relu_mask.yaml": ("relu_mask", "resnet18"),
