@@ -172,7 +172,7 @@ class ApproxConv2d(nn.Conv2d):
         # Found before prepare_input: its explicit padding would hide where x came from. The
         # padding keeps the zero pattern (zeros or copies of x), so the slices stay valid.
         live = pipeline.conv2d_live(site, x)
-        if pipeline.runs_plain(site, live):
+        if pipeline.runs_plain(site, live, self.weight):
             y = super().forward(x)
             _count_exact(site, site.geometry.macs(x.shape, self.weight, y.shape), x, self.weight, live)
             return y
@@ -201,7 +201,7 @@ class ApproxLinear(nn.Linear):
         if pipeline.forward_method is not None:
             return pipeline.forward_method.linear_forward(site, x, self.weight, self.bias)
         live = pipeline.linear_live(site, x)
-        if pipeline.runs_plain(site, live):
+        if pipeline.runs_plain(site, live, self.weight):
             _count_exact(site, x.numel() // x.shape[-1] * self.weight.numel(), x, self.weight, live)
             return super().forward(x)
         return _apply(_LinearFunction, x, self.weight, self.bias, site, live)

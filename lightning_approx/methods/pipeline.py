@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 # A modifier stage: the method claiming it says which slices of the layer input are live, and
 # the pipeline runs the grad_input / grad_weight stages on those slices only (relu_mask).
 INPUT_MASK = "input_mask"
+_PRODUCTS = frozenset({"grad_input", "grad_weight"})  # the stages Method.replaces speaks for
 
 
 
@@ -128,14 +129,17 @@ class Pipeline:
         masker = self.by_stage.get(INPUT_MASK)
         return None if masker is None else masker.linear_live(site, x)
 
-    def runs_plain(self, site: LayerSite, live: LiveSlices | None) -> bool:
+    def runs_plain(self, site: LayerSite, live: LiveSlices | None, weight: Tensor) -> bool:
         """Whether the plain layer's own backward is this pipeline's backward for this forward:
-        there is an input mask and it found nothing to skip, every other method is at an exact
-        setting (e.g. ``relu_mask+crs`` while crs's schedule is at 1.0), and no fidelity probe is
-        due. The layer then runs the plain op, which skips the custom op's overhead."""
+        no fidelity probe is due, an input mask (if any) found nothing to skip, and every other
+        method is at an exact setting (e.g. ``relu_mask+crs`` while crs's schedule is at 1.0) or
+        computes none of its products at this layer (``patch_grad`` on the layers it leaves
+        exact). The layer then runs the plain op, which skips the custom op's overhead."""
+        if site.probe or (live is not None and live.restricts):
+            return False
         masker = self.by_stage.get(INPUT_MASK)
-        return (masker is not None and not site.probe and (live is None or not live.restricts)
-                and all(m.is_exact for m in self.methods if m is not masker))
+        return all(m is masker or m.is_exact or (m.stages <= _PRODUCTS and not m.replaces(site, weight))
+                   for m in self.methods)
 
     def conv2d_backward(self, site: LayerSite, x: Tensor, weight: Tensor, dy: Tensor,
                         needs: tuple[bool, bool, bool], live: LiveSlices | None = None

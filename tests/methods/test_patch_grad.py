@@ -12,6 +12,7 @@ from lightning_approx import ConfigError, approximate
 from lightning_approx.methods import PatchGrad
 from lightning_approx.ops.conv import ConvGeometry, conv2d_grad_weight
 from lightning_approx.ops.patch import patch_positions, patch_weight_grad
+from lightning_approx.surgery import patched_sites
 from tests.statistics import assert_unbiased, looks_biased
 
 CONFIGS = [dict(stride=1, padding=1, dilation=1, groups=1), dict(stride=2, padding=0, dilation=1, groups=1),
@@ -63,10 +64,15 @@ def test_shape_dtype_and_memory_format(variant, dtype):
     torch.testing.assert_close(cl, got)
 
 
-def test_argmax_picks_the_largest_gradient_and_sums_dy():
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_argmax_picks_the_first_largest_gradient_and_sums_dy(memory_format):
     dy = torch.randn(2, 3, 4, 5)
+    dy[0, 1] = 0  # a dead plane: every position ties
+    dy[1, 2, 1, 3], dy[1, 2, 2, 0] = -9.0, 9.0  # |dy| ties: the first in row-major order wins
+    dy = dy.contiguous(memory_format=memory_format)
     pos, coef = patch_positions(dy, "argmax", None)
     assert torch.equal(pos, dy.abs().flatten(2).argmax(-1))
+    assert pos[0, 1] == 0 and pos[1, 2] == 1 * 5 + 3
     torch.testing.assert_close(coef, dy.sum((2, 3)))
 
 
@@ -108,6 +114,26 @@ def test_only_selected_convs_change_and_input_grads_stay_exact():
     for i in (1, 2, 3, 4, 5):  # conv 0 bias, conv 1 (index 1), conv 2 (1x1: not eligible)
         torch.testing.assert_close(grads[i], exact[i])
     torch.testing.assert_close(x.grad, exact_x)
+
+
+def test_layers_left_exact_run_the_plain_op_and_count_their_work():
+    """The convs patch_grad does not approximate skip the custom op (autograd's own backward),
+    unless a fidelity probe is due; their work still counts as computed in full."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1))
+    approximate(model, PatchGrad(every=2), exclude=None)  # approximates indices 0 and 2
+    x = torch.randn(2, 3, 6, 6, requires_grad=True)
+    outputs = []
+    for layer in model:
+        layer.register_forward_hook(lambda _m, _i, out: outputs.append(type(out.grad_fn).__name__))
+    model(x).sum().backward()
+    assert outputs[1] == "ConvolutionBackward0" and outputs[0] != outputs[1] and outputs[2] == outputs[0]
+    sites = patched_sites(model)
+    assert sites[1].work.computed == sites[1].work.exact > 0
+    assert sites[0].work.computed < sites[0].work.exact
+    sites[1].probe = True
+    outputs.clear()
+    model(x).sum().backward()
+    assert outputs[1] != "ConvolutionBackward0" and "weight.cos" in sites[1].fidelity
 
 
 @pytest.mark.parametrize(("kwargs", "field"), [({"variant": "best"}, "patch_grad.variant"),
