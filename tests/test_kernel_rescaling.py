@@ -146,8 +146,9 @@ def loader(n=16, batch=4, size=32):
 def trainer(tmp_path, callbacks, **kw):
     kw.setdefault("logger", False)
     kw.setdefault("enable_checkpointing", False)
+    kw.setdefault("log_every_n_steps", 1)
     return pl.Trainer(default_root_dir=tmp_path, accelerator="cpu", callbacks=callbacks, enable_progress_bar=False,
-                      enable_model_summary=False, log_every_n_steps=1, num_sanity_val_steps=0, **kw)
+                      enable_model_summary=False, num_sanity_val_steps=0, **kw)
 
 
 class Probe(Callback):
@@ -233,6 +234,15 @@ def test_several_steps_and_logged_scale(tmp_path):
     with open(path) as f:
         scales = [float(r["kernel_rescaling/scale"]) for r in csv.DictReader(f) if r["kernel_rescaling/scale"]]
     assert scales == [0.5] * 4 + [0.75] * 4 + [1.0] * 4
+
+
+def test_scale_is_logged_on_logging_steps_only(tmp_path, monkeypatch):
+    logged = []
+    monkeypatch.setattr(pl.LightningModule, "log", lambda self, name, value, **kw: logged.append((name, value)))
+    cb = KernelRescaling(scale=Step(values=[0.5, 1.0], milestones=[1]))
+    t = trainer(tmp_path, [cb], max_epochs=2, limit_val_batches=0, log_every_n_steps=3)
+    t.fit(StemNet(), loader())  # 4 batches an epoch: steps 2 and 5 are logging steps (0-based)
+    assert logged == [("kernel_rescaling/scale", 0.5), ("kernel_rescaling/scale", 1.0)]
 
 
 def run_with_checkpoints(root, ckpt_path=None, max_epochs=3):

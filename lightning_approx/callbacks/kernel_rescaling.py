@@ -365,7 +365,8 @@ class KernelRescaling(Callback):
                               f"the training step never called the forward of {where}, so its images were not resized "
                               f"to scale {self.scale:g}", "name the submodule that receives the images, e.g. "
                               "input_module='net'")
-        pl_module.log("kernel_rescaling/scale", self.scale, on_step=True, on_epoch=False, batch_size=1)
+        if trainer._logger_connector.should_update_logs:  # the steps Lightning writes, as ApproxBackward
+            pl_module.log("kernel_rescaling/scale", self.scale, on_step=True, on_epoch=False, batch_size=1)
 
     # --- resizing the input --------------------------------------------------------------
     def _resize_input(self, module: nn.Module, args: tuple[Any, ...],
