@@ -125,7 +125,7 @@ class KernelRescaling(Callback):
     its output shape depends on the input size (a flatten before the classifier instead of
     global pooling).
 
-    Logs ``kernel_rescaling/scale`` each training step.
+    Logs ``kernel_rescaling/scale`` on the Trainer's logging steps (every ``log_every_n_steps``).
 
     Args:
         scale: The low resolution as a fraction of full size, in (0, 1), used until the
