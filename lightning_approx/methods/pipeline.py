@@ -24,7 +24,6 @@ INPUT_MASK = "input_mask"
 _PRODUCTS = frozenset({"grad_input", "grad_weight"})  # the stages Method.replaces speaks for
 
 
-
 class Pipeline:
     """Methods whose stages do not overlap, applied together.
 
