@@ -34,6 +34,8 @@ def patch_positions(dy: Tensor, variant: str, generator: torch.Generator | None)
     if variant == "argmax":
         # The plane's max-pool index is its argmax, the first one among ties like argmax(): the
         # pooling kernel is vectorised in either layout, 1.3-4.6x faster than argmax() on CPU.
+        # (Of several NaNs it points at the last, argmax() at the first; the plane's sum is NaN
+        # either way, and so is the estimate.)
         pos = F.adaptive_max_pool2d(dy.abs(), 1, return_indices=True)[1].view(n, c)
         return pos, dy.sum((2, 3))
     if variant == "random":

@@ -76,6 +76,14 @@ def test_argmax_picks_the_first_largest_gradient_and_sums_dy(memory_format):
     torch.testing.assert_close(coef, dy.sum((2, 3)))
 
 
+def test_a_nan_in_dy_makes_its_channel_nan_as_the_exact_product_does():
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    x, dy = torch.randn(2, 3, 5, 5), torch.randn(2, 4, 5, 5)
+    dy[1, 2, 1, 1] = dy[1, 2, 3, 0] = float("nan")
+    grad = patch_weight_grad(ConvGeometry.of(conv), x, dy, conv.weight.shape, "argmax", None)
+    assert grad[2].isnan().all() and not grad[[0, 1, 3]].isnan().any()
+
+
 def _grad_draws(variant):
     conv = nn.Conv2d(3, 4, 3, padding=1).double()
     x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
