@@ -40,12 +40,20 @@ def check_fraction(field: str, value: float, *, low_open: bool = True, fix: str 
     return float(value)
 
 
+SEED_RANGE = (-(2**63), 2**63)  # torch.Generator takes [-2**63, 2**64); seeds derived as seed + 1 stay inside
+
+
 def check_seed(field: str, value: Any) -> int:
     """Checks that ``value`` is a whole number usable as a random seed and returns it as an int.
 
     numpy integers pass (they are ``numbers.Integral``); ``bool`` does not, nor does a float,
-    which would otherwise be truncated silently or fail deep inside ``torch.Generator``.
+    which would otherwise be truncated silently, nor a number outside ``[-2**63, 2**63)``: all
+    of them would fail deep inside ``torch.Generator``, at the first use.
     """
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ConfigError(field, value, "must be a whole number", "give e.g. 0")
+    low, high = SEED_RANGE
+    if not low <= value < high:
+        raise ConfigError(field, value, "is outside the seeds torch.Generator takes, [-2**63, 2**63)",
+                          "give a smaller whole number, e.g. 0")
     return int(value)

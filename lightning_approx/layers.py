@@ -26,6 +26,14 @@ from lightning_approx.ops.mask import LiveSlices
 from lightning_approx.ops.sampling import draw_rows
 
 
+def layer_seed(seed: int, index: int) -> int:
+    """The seed of layer ``index``'s random streams: ``seed * 1_000_003 + index``, reduced modulo
+    2**64 where that leaves the range ``torch.Generator`` takes (``[-2**63, 2**64)``); inside it,
+    as it always was, so a seed keeps its draws."""
+    value = seed * 1_000_003 + index
+    return value if -(2**63) <= value < 2**64 else value % 2**64
+
+
 @dataclass(eq=False)
 class LayerSite:
     """Everything a method needs to know about one patched layer.
@@ -62,7 +70,7 @@ class LayerSite:
         gen = self._generators.get(device)
         if gen is None:
             gen = torch.Generator(device=device)
-            gen.manual_seed(self.seed * 1_000_003 + self.index)
+            gen.manual_seed(layer_seed(self.seed, self.index))
             self._generators[device] = gen
         return gen
 

@@ -16,7 +16,7 @@ from lightning_approx.classifier import ImageClassifier
 from lightning_approx.data.cifar10 import CIFAR10DataModule
 from lightning_approx.data.imagenet import ImageFolderDataset, ImageNetDataModule
 from lightning_approx.errors import check_seed
-from lightning_approx.layers import LayerSite
+from lightning_approx.layers import LayerSite, layer_seed
 from lightning_approx.methods import CRS, BatchCRS, GradPrune, Pipeline, ReluMask, build_method, parse_spec
 from lightning_approx.models import build_model
 from lightning_approx.surgery import check_exclude, make_pipeline, patched_sites
@@ -68,6 +68,28 @@ def test_numpy_integer_seeds_are_ints():
     model = Net()
     approximate(model, "crs", seed=np.int64(5))
     assert {site.seed for site in patched_sites(model)} == {5}
+
+
+@pytest.mark.parametrize("seed", [2**63, -(2**63) - 1, 10**30])
+def test_seeds_outside_the_generators_range_are_refused_where_given(seed):
+    # Before the check, 2**62 passed here and failed at the first backward, inside manual_seed.
+    for make in (lambda: ApproxBackward("crs", seed=seed), lambda: approximate(Net(), "crs", seed=seed),
+                 lambda: CIFAR10DataModule("data", seed=seed), lambda: ApproxDDPStrategy(seed=seed)):
+        config_error("seed", seed, make, match=r"outside the seeds torch.Generator takes")
+
+
+@pytest.mark.parametrize("seed", [2**63 - 1, 2**62, -(2**63), -1])
+def test_extreme_seeds_draw_in_every_layer(seed):
+    model = Net()
+    approximate(model, "crs", sample_ratio=0.5, seed=seed)
+    model(torch.randn(4, 3, 8, 8)).sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_layer_seeds_in_range_keep_their_value():
+    # Seeds that always worked keep their streams; only values past torch's range are reduced.
+    assert layer_seed(7, 3) == 7 * 1_000_003 + 3 and layer_seed(-1, 0) == -1_000_003
+    assert layer_seed(2**62, 1) == (2**62 * 1_000_003 + 1) % 2**64
 
 
 @pytest.mark.parametrize("seed", ["a", None, 1.5])

@@ -66,7 +66,7 @@ class ApproxBackward(Callback):
             (0, 1] or a :class:`~lightning_approx.schedules.Schedule`. Default: the method's.
         exclude: Layers kept exact: ``"auto"`` (stem conv and final classifier), ``None``, or
             name patterns (``"layer3.*"``), ``"auto"`` allowed among them.
-        seed: Seed of the layers' random streams (a whole number).
+        seed: Seed of the layers' random streams: a whole number in ``[-2**63, 2**63)``.
         log_per_layer: Also log each layer's backward work.
         sync_cuda: Synchronize CUDA before reading the step time (otherwise it measures
             launch time only).
