@@ -220,6 +220,73 @@ def test_merged_draws_give_the_same_estimate(rows):
         assert (row_scale[len(live):] == 0).all()  # padding only at the end
 
 
+# --- bernoulli_crs: keep-probabilities by water-filling -----------------------------------------
+def _bernoulli_rows(n_rows: int = 300):
+    """(weights, k) pairs that reach every branch: light and heavy tails (w**8 leaves pair masses
+    of 1e-25 next to 0.3), zeros, fewer non-zero pairs than k, ties."""
+    gen = torch.Generator().manual_seed(0)
+    for i in range(n_rows):
+        n = int(torch.randint(1, 130, (1,), generator=gen))
+        k = int(torch.randint(1, n + 1, (1,), generator=gen))
+        w = torch.rand(n, generator=gen)
+        kind = i % 5
+        if kind == 1:
+            w = w**8
+        elif kind == 2:
+            w[torch.rand(n, generator=gen) < 0.7] = 0
+        elif kind == 3:
+            w = torch.zeros(n)
+            w[: max(1, k // 2)] = 1.0 + torch.rand(max(1, k // 2), generator=gen)
+        elif kind == 4:
+            w = torch.ones(n)
+        yield (w if i % 2 else w.view(1, n)), k
+
+
+def test_bernoulli_probabilities_keep_k_in_expectation():
+    """p_i = min(c w_i, 1): at most 1, proportional to w where unclipped, summing to k (or to the
+    number of non-zero pairs, all kept, where there are at most k)."""
+    from lightning_approx.ops.sampling import bernoulli_probabilities
+
+    for w, k in _bernoulli_rows():
+        p = bernoulli_probabilities(w, k).flatten()
+        w = w.flatten()
+        nonzero = int((w > 0).sum())
+        assert (p <= 1).all() and (p[w == 0] == 0).all()
+        assert float(p.double().sum()) == pytest.approx(min(k, nonzero), rel=1e-4)
+        free = (p < 1 - 1e-6) & (w > 0)
+        if free.sum() > 1:
+            ratio = p[free].double() / w[free].double()
+            torch.testing.assert_close(ratio, ratio.mean().expand_as(ratio), rtol=1e-3, atol=0)
+
+
+def test_bernoulli_host_row_solves_as_the_vectorised_rows(monkeypatch):
+    """One CPU row is solved by a host loop (3x faster); it must give the vectorised solution and,
+    from the same generator state, the same pairs and scales."""
+    import lightning_approx.ops.sampling as ops
+
+    for w, k in _bernoulli_rows():
+        fast_p = ops.bernoulli_probabilities(w, k, 0.1 if k % 3 == 0 else 0.0)
+        fast = ops.bernoulli_sample(w, k, torch.Generator().manual_seed(k))
+        with monkeypatch.context() as m:
+            m.setattr(ops, "_one_host_row", lambda _: False)
+            slow_p = ops.bernoulli_probabilities(w, k, 0.1 if k % 3 == 0 else 0.0)
+            slow = ops.bernoulli_sample(w, k, torch.Generator().manual_seed(k))
+        torch.testing.assert_close(fast_p, slow_p, rtol=0, atol=1e-6)
+        assert fast[0].shape == slow[0].shape == (*w.shape[:-1], fast[0].shape[-1])
+        assert torch.equal(fast[0], slow[0])
+        torch.testing.assert_close(fast[1], slow[1], rtol=1e-5, atol=0)
+
+
+def test_bernoulli_host_row_sums_small_tails_without_cancellation():
+    # A first version subtracted from the total: with masses of 1e-14 left it lost them to
+    # rounding and kept all 30 pairs where 29 were asked for.
+    from lightning_approx.ops.sampling import bernoulli_probabilities
+
+    w = torch.rand(30, generator=torch.Generator().manual_seed(3)) ** 8
+    w[-1] = 1e-25
+    assert float(bernoulli_probabilities(w, 29).double().sum()) == pytest.approx(29, rel=1e-6)
+
+
 # --- probabilities="uniform": one window of k pairs, scaled by n / k ----------------------------
 def test_windows_are_draw_rows_outcomes():
     from lightning_approx.ops.sampling import draw_rows

@@ -7,6 +7,7 @@ caller gathers the rows and runs the product on the smaller tensors.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -134,6 +135,8 @@ def bernoulli_probabilities(weights: Tensor, k: int, uniform_mix: float = 0.0) -
     those are kept (the zero pairs contribute nothing).
     """
     w = crs_probabilities(weights, uniform_mix)  # normalised, mixed; rows sum to 1
+    if _one_host_row(w):
+        return _water_fill_row(w, k)
     sorted_w, _ = w.sort(dim=-1, descending=True)
     n = w.shape[-1]
     # With the t largest clipped, c_t = (k - t) / (sum of the rest); the first t whose
@@ -146,6 +149,29 @@ def bernoulli_probabilities(weights: Tensor, k: int, uniform_mix: float = 0.0) -
     c_star = c.gather(-1, first.clamp_max(n - 1).unsqueeze(-1))
     c_star = torch.where(first.unsqueeze(-1) >= n, torch.full_like(c_star, float("inf")), c_star)
     return (w * c_star).clamp_max(1.0).nan_to_num(0.0)
+
+
+def _one_host_row(w: Tensor) -> bool:
+    """One row of pairs on the CPU (every ungrouped layer): small enough that a host loop beats
+    the vectorised solution's ~25 small ops, and no device to wait for."""
+    return not w.is_cuda and w.numel() == w.shape[-1]
+
+
+def _water_fill_row(w: Tensor, k: int) -> Tensor:
+    """:func:`bernoulli_probabilities` of one normalised CPU row, solved on the host: walk the
+    pairs from the largest, clipping each to 1 while ``c = (k - t) / (mass left)`` would push it
+    above 1. The same solution as the vectorised one, in about a third of the time (n <= 128)."""
+    ordered = w.flatten().sort(descending=True).values.tolist()
+    # Mass left after the t largest, summed from the smallest: subtracting from the total would
+    # lose the small tails to cancellation.
+    tails = list(itertools.accumulate(reversed(ordered)))[::-1]
+    for t, (largest, tail) in enumerate(zip(ordered[:k], tails[:k], strict=True)):
+        if tail <= 0.0:  # only zero pairs left: keep every non-zero one
+            break
+        c = (k - t) / tail
+        if largest * c <= 1 + 1e-6:
+            return (w * c).clamp_max_(1.0)
+    return (w > 0).to(w.dtype)  # at most k non-zero pairs: all of them, with certainty
 
 
 def bernoulli_sample(weights: Tensor, k: int, generator: torch.Generator | None, uniform_mix: float = 0.0
@@ -162,6 +188,12 @@ def bernoulli_sample(weights: Tensor, k: int, generator: torch.Generator | None,
     p = bernoulli_probabilities(weights, k, uniform_mix)
     u = torch.rand(p.shape, generator=generator, device=p.device, dtype=p.dtype)
     keep = u < p
+    if _one_host_row(p):  # no rows to pad to one length: the kept pairs, in ascending order
+        idx = keep.flatten().nonzero().flatten()
+        if idx.numel():
+            shape = (*p.shape[:-1], -1)
+            kept_p = p.flatten().index_select(0, idx).clamp_min_(torch.finfo(p.dtype).tiny)
+            return idx.view(shape), kept_p.reciprocal_().view(shape)
     count = int(keep.sum(-1).max())
     count = max(count, 1)  # keep shapes valid; a kept-nothing draw gets one zero-scaled pair
     # Kept pairs first (stable order), then the padding.
