@@ -154,7 +154,7 @@ def bernoulli_probabilities(weights: Tensor, k: int, uniform_mix: float = 0.0) -
 def _one_host_row(w: Tensor) -> bool:
     """One row of pairs on the CPU (every ungrouped layer): small enough that a host loop beats
     the vectorised solution's ~25 small ops, and no device to wait for."""
-    return not w.is_cuda and w.numel() == w.shape[-1]
+    return w.device.type == "cpu" and w.numel() == w.shape[-1]
 
 
 def _water_fill_row(w: Tensor, k: int) -> Tensor:
