@@ -140,7 +140,11 @@ def test_callback_from_yaml_and_class_path(tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [({"method": "nope"}, "method"), ({"sample_ratio": 0}, "crs.sample_ratio"),
-     ({"sample_ratio": {"type": "linear", "start": 1.0, "end": 0.5, "begin": 5, "until": 2}}, "crs.sample_ratio")],
+     ({"sample_ratio": {"type": "linear", "start": 1.0, "end": 0.5, "begin": 5, "until": 2}}, "crs.sample_ratio"),
+     ({"active_epochs": 4}, "active_epochs"), ({"active_epochs": [4]}, "active_epochs"),
+     ({"active_epochs": "4,8"}, "active_epochs"), ({"active_epochs": [-1, None]}, "active_epochs"),
+     ({"active_epochs": [4, 4]}, "active_epochs"), ({"active_epochs": [None, 4]}, "active_epochs"),
+     ({"active_epochs": [True, 4]}, "active_epochs"), ({"active_epochs": [0, float("nan")]}, "active_epochs")],
 )
 def test_bad_configuration_fails_at_construction(kwargs, field):
     with pytest.raises(ConfigError) as err:
@@ -277,3 +281,31 @@ def test_gradient_fidelity_is_one_at_the_exact_setting():
     layer(torch.randn(3, 4, 6, 6, requires_grad=True)).sum().backward()
     assert site.fidelity["weight.cos"] == pytest.approx(1.0) and site.fidelity["weight.rel_err"] < 1e-6
     assert site.fidelity["input.cos"] == pytest.approx(1.0) and not site.probe
+
+
+@pytest.mark.parametrize("method", ["patch_grad", "crs", "batch_crs"])
+def test_active_epochs_run_the_plain_layers_outside_the_window(tmp_path, method):
+    kw = {} if method == "patch_grad" else {"sample_ratio": 0.5}
+    model = TinyCNN()
+    cb = ApproxBackward(method, active_epochs=[1, 2], exclude=None, **kw)
+    trainer(tmp_path, [cb], max_epochs=3).fit(model, loader())
+    metrics = trainer_metrics(tmp_path)
+    assert metrics["approx/active"] == [0.0] * 4 + [1.0] * 4 + [0.0] * 4
+    work = metrics["approx/backward_work"]
+    assert work[:4] == [1.0] * 4 and work[8:] == [1.0] * 4  # exact: the plain op, counted in full
+    assert all(w < 1.0 for w in work[4:8])
+    assert not any(m.suspended for m in cb.pipeline.methods)  # nothing left suspended after fit
+
+
+def test_outside_active_epochs_training_is_the_exact_training(tmp_path):
+    # Until the window opens the patched model must train as the plain one does, bit for bit.
+    def fit(root, callbacks):
+        pl.seed_everything(0)
+        model = TinyCNN()
+        trainer(root, callbacks, max_epochs=1).fit(model, loader())
+        return model
+
+    plain = fit(tmp_path / "plain", [])
+    late = fit(tmp_path / "late", [ApproxBackward("crs", sample_ratio=0.25, active_epochs=[1, None])])
+    for p, q in zip(plain.parameters(), late.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)

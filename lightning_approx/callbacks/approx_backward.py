@@ -50,6 +50,7 @@ class ApproxBackward(Callback):
       (``relu_mask``, ``grad_prune``), whether or not it was skipped;
     - ``approx/<method>.<metric>``: what a method measured, e.g. realized sparsity;
     - ``approx/step_time``: seconds from batch start to batch end;
+    - ``approx/active``: 1.0 inside ``active_epochs``, 0.0 outside (only when it is set);
     - every ``fidelity_every_n_steps`` steps, ``approx/fidelity/<input|weight>.<cos|rel_err>``:
       cosine similarity and relative error of each layer's approximate gradients against the
       exact ones for the same incoming gradient, averaged over layers (per layer under
@@ -79,6 +80,10 @@ class ApproxBackward(Callback):
             during the training steps (frozen) keep their statistics. 0: never. Each batch
             goes through the Trainer's batch-transfer hooks, and its first element (or the
             batch itself, when it is a tensor) is passed to the LightningModule.
+        active_epochs: ``[begin, end)``: the (fractional) epochs in which the methods run;
+            outside them every layer runs its plain op, as at an exact setting. ``end`` may be
+            ``None`` (to the end of training). ``None``: every epoch. For methods without a rate
+            to schedule (``patch_grad``), e.g. ``[4, None]`` approximates only from epoch 4 on.
 
     Example::
 
@@ -95,6 +100,7 @@ class ApproxBackward(Callback):
         sync_cuda: bool = True,
         fidelity_every_n_steps: int = 0,
         recalibrate_bn: int = 0,
+        active_epochs: list[float | None] | tuple[float, float | None] | None = None,
     ) -> None:
         super().__init__()
         hyperparameters = {} if sample_ratio is None else {"sample_ratio": sample_ratio}
@@ -117,6 +123,7 @@ class ApproxBackward(Callback):
                               "norm's running statistics already describe the evaluated network",
                               "give 0, or use a method that samples the forward (forward_sampling)")
         self.recalibrate_bn = recalibrate_bn
+        self.active_epochs = check_active_epochs(active_epochs)
         self._recalibrated_at: int | None = None  # global step of the last recalibration
         self._frozen_bn: list[torch.nn.Module] | None = None  # batch norms in eval mode during training
         self.layer_names: list[str] = []
@@ -193,6 +200,8 @@ class ApproxBackward(Callback):
         self._restore()
 
     def _restore(self) -> None:
+        for method in self.pipeline.methods:  # the methods may outlive this fit (another Trainer)
+            method.suspended = False
         if self._model is not None:
             restore(self._model)
             self._model = None
@@ -229,6 +238,11 @@ class ApproxBackward(Callback):
                              batch_idx: int) -> None:
         self._progress = self.progress(trainer, batch_idx)
         self.pipeline.update(self._progress)
+        if self.active_epochs is not None:
+            begin, end = self.active_epochs
+            suspended = not (begin <= self._progress.epoch and (end is None or self._progress.epoch < end))
+            for method in self.pipeline.methods:
+                method.suspended = suspended
         if self.recalibrate_bn:
             # Validation puts every module in eval mode, so which batch norms the user froze is read here.
             self._frozen_bn = [m for m in batch_norms(pl_module) if not m.training]
@@ -264,6 +278,8 @@ class ApproxBackward(Callback):
         metrics["approx/zero_work"] = step.zero / step.exact if step.exact else 0.0
         metrics["approx/step_time"] = step_time
         metrics.update({f"approx/{k}": v for k, v in self.pipeline.values().items()})
+        if self.active_epochs is not None:
+            metrics["approx/active"] = float(not self.pipeline.methods[0].suspended)
         for method in self.pipeline.methods:
             metrics.update({f"approx/{method.name}.{k}": v for k, v in method.metrics().items()})
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
@@ -349,3 +365,23 @@ def training_inputs(trainer: pl.Trainer, pl_module: pl.LightningModule, limit: i
             raise ConfigError("recalibrate_bn", limit, f"cannot find the model input in a training batch of type "
                               f"{type(batch).__name__}", "make the batch a tensor or a (input, ...) tuple, or give 0 "
                               "and call lightning_approx.batch_norm.recalibrate_batch_norm yourself")
+
+
+def check_active_epochs(value: Any) -> tuple[float, float | None] | None:
+    """``active_epochs`` as ``(begin, end)``, or ``None``; refuses anything else by name."""
+    if value is None:
+        return None
+    fix = "give [begin, end) in epochs, e.g. [4, null] for epoch 4 to the end, or leave it unset for every epoch"
+
+    def number(x: Any) -> bool:
+        return not isinstance(x, bool) and isinstance(x, (int, float)) and x == x and abs(x) != float("inf")
+
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise ConfigError("active_epochs", value, "must be a pair [begin, end)", fix)
+    begin, end = value
+    if not number(begin) or begin < 0:
+        raise ConfigError("active_epochs", value, f"begin must be a finite number >= 0, got {begin!r}", fix)
+    if end is not None and (not number(end) or end <= begin):
+        raise ConfigError("active_epochs", value, f"end must be None or a finite number > begin ({begin}), got {end!r}",
+                          fix)
+    return float(begin), None if end is None else float(end)

@@ -61,6 +61,9 @@ class Method:
     def __init__(self) -> None:
         self._schedules: dict[str, Schedule] = {}
         self._values: dict[str, float] = {}
+        # Set by ApproxBackward outside its ``active_epochs``: the method then computes the exact
+        # gradients (every layer runs its plain op), whatever its hyperparameters say.
+        self.suspended = False
 
     # --- hyperparameters -------------------------------------------------------------
     def _set(self, field: str, value: float | Schedule | Any) -> None:
@@ -89,7 +92,10 @@ class Method:
 
     @property
     def is_exact(self) -> bool:
-        """Whether the current values make this method compute the exact gradients."""
+        """Whether the current values make this method compute the exact gradients (always, while
+        :attr:`suspended`)."""
+        if self.suspended:
+            return True
         checks = [(f, s.exact_at) for f, s in self.hyperparameters.items() if s.exact_at is not None]
         return bool(checks) and all(math.isclose(self._values[f], v) for f, v in checks)
 

@@ -42,6 +42,7 @@ EXPECTED = {
     "cifar10_resnet20_grad_prune.yaml": ("grad_prune", "resnet20"),
     "cifar10_resnet20_patch_grad.yaml": ("patch_grad", "resnet20"),
     "cifar10_resnet20_patch_grad_random.yaml": ("patch_grad", "resnet20"),
+    "cifar10_resnet20_patch_grad_late.yaml": ("patch_grad", "resnet20"),
     "cifar10_resnet20_relu_mask.yaml": ("relu_mask", "resnet20"),
     "cifar10_resnet20_kernel_rescaling.yaml": ("kernel_rescaling", "resnet20"),
     "cifar10_resnet20_kernel_rescaling_1epoch.yaml": ("kernel_rescaling", "resnet20"),
