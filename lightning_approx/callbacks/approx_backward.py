@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import time
 import warnings
 from collections.abc import Iterator, Mapping
@@ -374,7 +375,7 @@ def check_active_epochs(value: Any) -> tuple[float, float | None] | None:
     fix = "give [begin, end) in epochs, e.g. [4, null] for epoch 4 to the end, or leave it unset for every epoch"
 
     def number(x: Any) -> bool:
-        return not isinstance(x, bool) and isinstance(x, (int, float)) and x == x and abs(x) != float("inf")
+        return not isinstance(x, bool) and isinstance(x, (int, float)) and math.isfinite(x)
 
     if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)) or len(value) != 2:
         raise ConfigError("active_epochs", value, "must be a pair [begin, end)", fix)
